@@ -1,0 +1,135 @@
+"""Time grids and the variance-preserving (VP) change of variables.
+
+Convention (diffusers, Flux, SD3): x_σ = (1−σ)·x0 + σ·ε, the model returns v = ε − x0 = dx/dσ, and sampling
+integrates σ from 1 (noise) down to 0 (data). Every grid here is a float64 NumPy array of strictly decreasing σ
+whose last entry is where sampling ends (normally 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def time_shift(sigmas: np.ndarray, *, shift: float = 1.0, mu: float | None = None,
+               time_shift_type: str = "exponential") -> np.ndarray:
+    """Static shift σ' = shift·σ/(1 + (shift−1)·σ), or, with `mu`, the resolution-dependent shift of Flux/SD3:
+    exponential e^μ/(e^μ + (1/σ − 1)) or linear μ/(μ + (1/σ − 1))."""
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    if mu is None:
+        return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+    with np.errstate(divide="ignore"):
+        odds = 1.0 / sigmas - 1.0
+    if time_shift_type == "exponential":
+        return math.exp(mu) / (math.exp(mu) + odds)
+    if time_shift_type == "linear":
+        return mu / (mu + odds)
+    raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+
+
+def flow_sigmas(steps: int | None = None, shift: float = 1.0, mu: float | None = None, *,
+                time_shift_type: str = "exponential", dynamic_shifting: bool | None = None,
+                sigmas: Sequence[float] | None = None, shift_terminal: float | None = None,
+                num_train_timesteps: int = 1000) -> np.ndarray:
+    """The σ grid of diffusers' `FlowMatchEulerDiscreteScheduler` after `set_timesteps(steps, sigmas=, mu=)`,
+    with the terminal 0 appended: `steps + 1` values.
+
+    Reproduces its quirks on purpose (so a sampler compared with diffusers sees the same grid): the end points
+    σ_max, σ_min come from the float32 1000-point training grid, already shifted once, and are shifted again
+    (diffusers #13243); with dynamic shifting the training grid is not shifted. User `sigmas` are shifted too;
+    a user grid that already ends in 0 gets no second 0 (official STORK's bug #11).
+    `dynamic_shifting=None` means "dynamic iff `mu` is given".
+    """
+    dynamic = (mu is not None) if dynamic_shifting is None else dynamic_shifting
+    if dynamic and mu is None:
+        raise ValueError("dynamic shifting needs `mu` (Flux/SD3 compute it from the image size); none was given")
+    if sigmas is None:
+        if steps is None or int(steps) < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        train = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1] / np.float32(
+            num_train_timesteps)
+        if not dynamic:
+            train = (np.float32(shift) * train / (1 + (np.float32(shift) - 1) * train)).astype(np.float32)
+        sigma_max, sigma_min = float(train[0]), float(train[-1])
+        base = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, int(steps))
+        base = base / num_train_timesteps
+    else:
+        base = np.asarray(sigmas, dtype=np.float64).ravel()
+        if steps is not None and len(base) != steps and not (base[-1] == 0 and len(base) == steps + 1):
+            raise ValueError(f"{len(base)} sigmas given but steps={steps}")
+    ends_at_zero = base[-1] == 0
+    body = base[:-1] if ends_at_zero else base
+    body = time_shift(body, shift=1.0, mu=mu, time_shift_type=time_shift_type) if dynamic else time_shift(
+        body, shift=shift)
+    if shift_terminal:
+        # Stretch so that the last σ equals shift_terminal (Qwen-Image uses 0.02): 1−σ is scaled, σ=1 stays put.
+        one_minus = 1.0 - body
+        body = 1.0 - one_minus / (one_minus[-1] / (1.0 - shift_terminal))
+    grid = np.concatenate([body, [0.0]])
+    check_grid(grid)
+    return grid
+
+
+def check_grid(grid: np.ndarray) -> None:
+    """Raise a ValueError unless `grid` is a finite, strictly decreasing σ grid of at least two points."""
+    grid = np.asarray(grid, dtype=np.float64)
+    if grid.ndim != 1 or len(grid) < 2:
+        raise ValueError(f"a σ grid needs at least two points (start and end), got {grid.tolist()}")
+    if not np.all(np.isfinite(grid)):
+        raise ValueError(f"σ grid contains non-finite values: {grid.tolist()}")
+    bad = np.nonzero(np.diff(grid) >= 0)[0]
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"sigmas must be strictly decreasing; sigma[{i}]={grid[i]:.6g} <= sigma[{i + 1}]={grid[i + 1]:.6g}")
+
+
+def resample_grid(grid: np.ndarray, intervals: int) -> np.ndarray:
+    """The same schedule shape with a different number of intervals: piecewise-linear in the grid index.
+    Used when a method needs fewer grid points than model calls (Heun: 2 calls per interval)."""
+    grid = np.asarray(grid, dtype=np.float64)
+    if intervals == len(grid) - 1:
+        return grid.copy()
+    u = np.linspace(0.0, 1.0, len(grid))
+    return np.interp(np.linspace(0.0, 1.0, intervals + 1), u, grid)
+
+
+@dataclass(frozen=True)
+class VPSchedule:
+    """Continuous variance-preserving schedule with linear β(t) = β0 + (β1−β0)·t, t ∈ [t_clamp, 1]:
+    α_t = exp(−½∫β), σ_t = √(1−α_t²). The defaults (0.1, 20) are the DDPM/DiT continuous schedule.
+
+    ε-prediction models are sampled with the flow solvers through the change of variables
+    s = σ_t/(α_t+σ_t), x̃ = x/(α_t+σ_t), under which dx̃/ds = ε − x0 exactly (DIFFUSERS.md §6), so Euler in
+    (x̃, s) is DDIM(η=0).
+    """
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    t_clamp: float = 1e-3
+
+    def _integral(self, t: np.ndarray) -> np.ndarray:
+        return 0.5 * (self.beta_max - self.beta_min) * t * t + self.beta_min * t
+
+    def alpha_sigma(self, t: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = np.clip(np.asarray(t, dtype=np.float64), self.t_clamp, 1.0)
+        integral = self._integral(t)
+        return np.exp(-0.5 * integral), np.sqrt(-np.expm1(-integral))
+
+    def to_flow(self, t: float | np.ndarray) -> np.ndarray:
+        """s(t) = σ_t/(α_t+σ_t), the flow-matching time of VP time t."""
+        alpha, sigma = self.alpha_sigma(t)
+        return sigma / (alpha + sigma)
+
+    def from_flow(self, s: float | np.ndarray) -> np.ndarray:
+        """Inverse of `to_flow`: σ/α = s/(1−s) gives ∫β = log(1 + (s/(1−s))²), a quadratic in t."""
+        s = np.asarray(s, dtype=np.float64)
+        integral = np.log1p((s / (1.0 - s)) ** 2)
+        a, b = 0.5 * (self.beta_max - self.beta_min), self.beta_min
+        return (-b + np.sqrt(b * b + 4 * a * integral)) / (2 * a)
+
+    def times(self, intervals: int, t_start: float = 0.999, t_end: float = 1e-3) -> np.ndarray:
+        """Uniform VP time grid t_start → t_end, `intervals + 1` points."""
+        return np.linspace(t_start, t_end, intervals + 1)

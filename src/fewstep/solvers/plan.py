@@ -1,0 +1,145 @@
+"""The solver interface: a plan computed up front in float64, and the one step rule that executes any plan.
+
+Every fewstep solver (Euler, Heun, Adams, STORK, NeuralSolver) is linear in the states and model outputs it has
+seen, so a whole sampling run is described by data:
+
+    model call i:   v_i = model(x_i, σ_i)                       σ_i = plan.sigmas[i]
+    then:           x_{i+1} = Σ_j a_ij·x_j + Σ_j b_ij·v_j        j ≤ i, (a_i, b_i) = plan.rows[i]
+
+and x_n (n = number of calls) is the sample at σ = plan.sigma_end. The coefficients are float64 NumPy numbers; the
+states can be torch tensors of any dtype/shape/device or NumPy arrays. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fewstep.schedules import check_grid
+
+
+@dataclass(frozen=True)
+class Row:
+    """x_{i+1} = Σ_j x[j]·x_j + Σ_j v[j]·v_j."""
+
+    x: Mapping[int, float]
+    v: Mapping[int, float] = field(default_factory=dict)
+
+    @staticmethod
+    def step(i: int, h: float, weights: Mapping[int, float]) -> Row:
+        """The common case: x_{i+1} = x_i − h·Σ_j w_j·v_j (a step of size h = σ_i − σ_{i+1} > 0 downwards)."""
+        return Row({i: 1.0}, {j: -h * w for j, w in weights.items() if w != 0.0})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where the model is called (`sigmas`, one per call) and how each next state is formed (`rows`)."""
+
+    sigmas: np.ndarray
+    sigma_end: float
+    rows: tuple[Row, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.rows) != len(self.sigmas):
+            raise ValueError(f"plan has {len(self.sigmas)} model calls but {len(self.rows)} rows")
+        for i, row in enumerate(self.rows):
+            if any(j > i or j < 0 for j in (*row.x, *row.v)):
+                raise ValueError(f"row {i} refers to a state or model output that does not exist yet")
+
+    @property
+    def calls(self) -> int:
+        return len(self.sigmas)
+
+    def last_use(self) -> tuple[dict[int, int], dict[int, int]]:
+        """For each state / model output index, the last row that reads it (so a runner can free it after)."""
+        last_x: dict[int, int] = {}
+        last_v: dict[int, int] = {}
+        for i, row in enumerate(self.rows):
+            for j in row.x:
+                last_x[j] = i
+            for j in row.v:
+                last_v[j] = i
+        return last_x, last_v
+
+
+class Solver(Protocol):
+    """What a solver provides: how many model calls it makes on a grid, and the plan for a grid."""
+
+    def calls(self, intervals: int) -> int:
+        """Model calls this solver makes on a σ grid of `intervals` intervals."""
+
+    def plan(self, grid: np.ndarray) -> Plan:
+        """The plan on `grid` (strictly decreasing σ, last entry = where sampling ends)."""
+
+
+def intervals_for(solver: Solver, steps: int, name: str = "this solver") -> int:
+    """The number of grid intervals on which `solver` makes exactly `steps` model calls."""
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps (model calls) must be a positive integer, got {steps!r}")
+    possible = []
+    for n in range(1, steps + 1):
+        calls = solver.calls(n)
+        if calls == steps:
+            return n
+        if calls <= 4 * steps + 8:
+            possible.append(calls)
+        if calls > steps and len(possible) > 4:
+            break
+    options = sorted(set(possible))
+    raise ValueError(f"{name} cannot make exactly {steps} model calls; it can make {', '.join(map(str, options[:8]))}"
+                     f"{', ...' if len(options) > 8 else ''}")
+
+
+def grid_plan(solver: Solver, grid: np.ndarray) -> Plan:
+    """Validate the grid, build the plan, and check that the plan is consistent with the solver's call count."""
+    grid = np.asarray(grid, dtype=np.float64)
+    check_grid(grid)
+    plan = solver.plan(grid)
+    expected = solver.calls(len(grid) - 1)
+    if plan.calls != expected:  # a solver bug, not a user error
+        raise AssertionError(f"plan makes {plan.calls} calls, solver promised {expected}")
+    return plan
+
+
+def combine(terms: list[tuple[float, Any]]) -> Any:
+    """Σ c·t for torch tensors or NumPy arrays, in as few kernels as possible (first coefficient 1 → one add)."""
+    (c0, t0), rest = terms[0], terms[1:]
+    if isinstance(t0, np.ndarray):
+        out = t0 * c0
+        for c, t in rest:
+            out += c * t
+        return out
+    if c0 == 1.0 and rest:
+        c1, t1 = rest[0]
+        out = t0.add(t1, alpha=c1)
+        rest = rest[1:]
+    else:
+        out = t0.mul(c0)
+    for c, t in rest:
+        out.add_(t, alpha=c)
+    return out
+
+
+class PlanRun:
+    """Executes a plan one model call at a time (the shape of a diffusers `step()`): keep only what later rows read."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self._last_x, self._last_v = plan.last_use()
+        self._x: dict[int, Any] = {}
+        self._v: dict[int, Any] = {}
+
+    def advance(self, i: int, x_i: Any, v_i: Any) -> Any:
+        """Given the state x_i at which call i was made and its output v_i, return x_{i+1} (same compute dtype)."""
+        self._x[i] = x_i
+        self._v[i] = v_i
+        row = self.plan.rows[i]
+        terms = [(c, self._x[j]) for j, c in row.x.items()] + [(c, self._v[j]) for j, c in row.v.items()]
+        out = combine(terms)
+        for store, last in ((self._x, self._last_x), (self._v, self._last_v)):
+            for j in [j for j in store if last.get(j, -1) <= i]:
+                del store[j]
+        return out
