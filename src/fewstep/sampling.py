@@ -117,8 +117,7 @@ def sample(model: Callable[[Any, float], Any], noise: Any, solver: str | Solver 
         x0 = (x - sigma * eps) / alpha
         return eps - x0
 
-    start = float(vp.to_flow(times[0]))
-    x_flow = execute(plan, flow_velocity, noise / scale(start), callback=callback, progress=progress,
+    x_flow = execute(plan, flow_velocity, noise / scale(float(plan.sigmas[0])), callback=callback, progress=progress,
                      check_finite=check_finite, desc=name)
     return x_flow * scale(plan.sigma_end)
 

@@ -83,7 +83,8 @@ def check_grid(grid: np.ndarray) -> None:
     bad = np.nonzero(np.diff(grid) >= 0)[0]
     if len(bad):
         i = int(bad[0])
-        raise ValueError(f"sigmas must be strictly decreasing; sigma[{i}]={grid[i]:.6g} <= sigma[{i + 1}]={grid[i + 1]:.6g}")
+        raise ValueError(f"sigmas must be strictly decreasing; sigma[{i}]={grid[i]:.6g} <= "
+                         f"sigma[{i + 1}]={grid[i + 1]:.6g}")
 
 
 def resample_grid(grid: np.ndarray, intervals: int) -> np.ndarray:

@@ -74,7 +74,7 @@ class Adams:
             sigmas.append(grid[k])
             used = history[-self.order:]
             b = adams_weights(np.asarray([sigmas[j] for j in used]), grid[k], grid[k + 1])
-            rows.append(Row.step(used[-1], h, dict(zip(used, b))))
+            rows.append(Row.step(used[-1], h, dict(zip(used, b, strict=True))))
         return Plan(np.asarray(sigmas), float(grid[-1]), tuple(rows))
 
 

@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
              for n in names()]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
     if args.options:
         print()
         for n in names():

@@ -33,10 +33,10 @@ RK4 = Tableau(c=(0.0, 0.5, 0.5, 1.0), a=((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)
 
 def rk_step(tableau: Tableau, base: int, sigma: float, h: float) -> tuple[list[float], list[Row]]:
     """Nodes and rows of one RK step whose first stage is model call `base` (made on the grid state x_base)."""
-    calls = [base + l for l in range(tableau.stages)]
+    calls = [base + m for m in range(tableau.stages)]
     sigmas = [sigma - c * h for c in tableau.c]
-    rows = [Row({base: 1.0}, {calls[m]: -h * a for m, a in enumerate(tableau.a[l]) if a != 0.0})
-            for l in range(1, tableau.stages)]
+    rows = [Row({base: 1.0}, {calls[m]: -h * a for m, a in enumerate(tableau.a[stage]) if a != 0.0})
+            for stage in range(1, tableau.stages)]
     rows.append(Row({base: 1.0}, {calls[m]: -h * b for m, b in enumerate(tableau.b) if b != 0.0}))
     return sigmas, rows
 
