@@ -8,6 +8,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "generate": ("fewstep.generate", "generate images (default: the embedded digits model, offline)"),
     "solvers": ("fewstep.solvers.listing", "list the solvers: order, model calls per step, recommended steps"),
 }
 
