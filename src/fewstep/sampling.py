@@ -49,12 +49,19 @@ def _all_finite(v: Any) -> bool:
     return bool(torch.isfinite(v).all())
 
 
-def resolve_solver(solver: str | Solver, options: dict) -> tuple[Solver, str]:
+def resolve_solver(solver: str | Solver, options: dict, prediction: str = "flow") -> tuple[Solver, str]:
+    """The solver object and a name for messages; a solver built for one prediction type (a searched NeuralSolver
+    file) refuses the other."""
     if isinstance(solver, str):
-        return solvers.get(solver, **options), solver
-    if options:
+        obj, name = solvers.get(solver, **options), solver
+    elif options:
         raise ValueError(f"solver options {sorted(options)} only apply to a solver given by name")
-    return solver, type(solver).__name__
+    else:
+        obj, name = solver, type(solver).__name__
+    made_for = getattr(obj, "prediction", prediction)
+    if made_for != prediction:
+        raise ValueError(f"{name} was made for prediction={made_for!r} models, not prediction={prediction!r}")
+    return obj, name
 
 
 def make_plan(solver: str | Solver = "adams2", steps: int | None = None, *, shift: float = 1.0,
@@ -98,7 +105,7 @@ def sample(model: Callable[[Any, float], Any], noise: Any, solver: str | Solver 
     if sigmas is not None or mu is not None or shift != 1.0:
         raise ValueError("prediction='epsilon' uses a VP time grid: pass `timesteps` (and `vp`), not sigmas/mu/shift")
     vp = vp or VPSchedule()
-    obj, name = resolve_solver(solver, solver_options)
+    obj, name = resolve_solver(solver, solver_options, "epsilon")
     times = np.asarray(vp.times(intervals_for(obj, 8 if steps is None else steps, name)) if timesteps is None
                        else timesteps, dtype=np.float64)
     plan = grid_plan(obj, vp.to_flow(times))
