@@ -4,7 +4,6 @@ linear stability limits. Prints markdown tables. `python benchmarks/stork.py` (a
 from __future__ import annotations
 
 import time
-
 from pathlib import Path
 
 import numpy as np
