@@ -90,3 +90,25 @@ def test_mid_schedule_entry_all_solvers(solver):
         x = s.step(c, t, x, return_dict=False)[0]
     assert s.step_index == len(s.timesteps)
     torch.testing.assert_close(x, x0 - float(s.sigmas[k]) * c, atol=2e-4, rtol=0)
+
+
+def test_named_schedulers_take_the_stork_docs_kwargs_and_round_trip(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fewstep.diffusers import AdamsScheduler, NeuralSolverScheduler, StorkScheduler
+
+    base = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    stork = StorkScheduler.from_config(base.config, order=2, stages=9)
+    assert stork.config.order == 2 and stork.config.shift == 3.0 and stork.config.use_dynamic_shifting
+    stork.set_timesteps(8, mu=1.15)
+    assert len(stork.timesteps) == 8
+    stork.save_pretrained(tmp_path)
+    again = StorkScheduler.from_pretrained(tmp_path)
+    again.set_timesteps(8, mu=1.15)
+    assert torch.equal(again.timesteps, stork.timesteps) and again.config.stages == 9
+    assert AdamsScheduler(order=4).config.order == 4
+    NeuralSolverScheduler(solver_file="flowdcn").set_timesteps(6)
+    with pytest.raises(ValueError, match="order must be 2 or 4"):
+        StorkScheduler(order=3)
+    with pytest.raises(ValueError, match="stages"):
+        StorkScheduler(stages=1000)

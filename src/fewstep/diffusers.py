@@ -36,6 +36,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if prediction_type != "flow_prediction":
             raise ValueError(f"prediction_type {prediction_type!r} is not supported yet (only flow_prediction)")
         self._solver = solvers.get(solver, **(solver_options or {}))  # raises ValueError on unknown name/option
+        self._solver_name = solver
         self._shift = shift
         self.timesteps = None
         self.sigmas = None
@@ -82,7 +83,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                            dynamic_shifting=cfg.use_dynamic_shifting,
                            sigmas=None if sigmas is None else [float(s) for s in sigmas],
                            shift_terminal=cfg.shift_terminal, num_train_timesteps=cfg.num_train_timesteps)
-        n = intervals_for(self._solver, int(num_inference_steps), cfg.solver)
+        n = intervals_for(self._solver, int(num_inference_steps), self._solver_name)
         if n != len(grid) - 1:  # e.g. Heun: 2 calls per interval, so NFE == steps needs fewer intervals
             grid = resample_grid(grid, n)
         self._grid = np.asarray(grid, dtype=np.float64)
@@ -120,7 +121,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             m = self._solver.calls(len(rest) - 1)
             want = len(self.timesteps) - k
             if m != want:
-                rest = resample_grid(rest, intervals_for(self._solver, want, self.config.solver))
+                rest = resample_grid(rest, intervals_for(self._solver, want, self._solver_name))
             self._set_plan(grid_plan(self._solver, rest))
             self._offset = k
 
@@ -147,5 +148,53 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return FewstepSchedulerOutput(prev_sample=prev)
 
 
+_FLOW_KEYS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+              "max_image_seq_len", "time_shift_type", "shift_terminal", "invert_sigmas", "prediction_type")
+
+
+def _named(solver: str, options: dict, flow: dict) -> dict:
+    """Arguments of the undecorated FewstepScheduler.__init__ (so the subclass registers only its own config)."""
+    return {"solver": solver, "solver_options": {k: v for k, v in options.items() if v is not None},
+            **{k: flow[k] for k in _FLOW_KEYS}}
+
+
+class StorkScheduler(FewstepScheduler):
+    """STORK as a diffusers scheduler; `order` 2|4 and the STORK options, as in the STORK docs' scheduler_kwargs."""
+
+    @register_to_config
+    def __init__(self, order: int = 4, stages: int | None = None, derivative_order: int | None = None,
+                 compat: str | None = None, extrapolate: str | None = None, num_train_timesteps: int = 1000,
+                 shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
+                 max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
+                 time_shift_type: str = "exponential", shift_terminal: float | None = None,
+                 invert_sigmas: bool = False, prediction_type: str = "flow_prediction"):
+        if order not in (2, 4):
+            raise ValueError(f"STORK order must be 2 or 4, got {order!r}")
+        options = {"stages": stages, "derivative_order": derivative_order, "compat": compat, "extrapolate": extrapolate}
+        FewstepScheduler.__init__.__wrapped__(self, **_named(f"stork-{order}", options, locals()))
+
+
 class AdamsScheduler(FewstepScheduler):
-    pass
+    """Variable-step Adams–Bashforth (`order` 2|3|4) as a diffusers scheduler."""
+
+    @register_to_config
+    def __init__(self, order: int = 2, startup: str | None = None, num_train_timesteps: int = 1000,
+                 shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
+                 max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
+                 time_shift_type: str = "exponential", shift_terminal: float | None = None,
+                 invert_sigmas: bool = False, prediction_type: str = "flow_prediction"):
+        if order not in (2, 3, 4):
+            raise ValueError(f"Adams order must be 2, 3 or 4, got {order!r}")
+        FewstepScheduler.__init__.__wrapped__(self, **_named(f"adams{order}", {"startup": startup}, locals()))
+
+
+class NeuralSolverScheduler(FewstepScheduler):
+    """A searched NeuralSolver (`solver_file`: sit, flowdcn, or a path to a JSON file) as a diffusers scheduler."""
+
+    @register_to_config
+    def __init__(self, solver_file: str = "sit", num_train_timesteps: int = 1000,
+                 shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
+                 max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
+                 time_shift_type: str = "exponential", shift_terminal: float | None = None,
+                 invert_sigmas: bool = False, prediction_type: str = "flow_prediction"):
+        FewstepScheduler.__init__.__wrapped__(self, **_named("neuralsolver", {"solver_file": solver_file}, locals()))
