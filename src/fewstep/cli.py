@@ -9,6 +9,7 @@ import sys
 
 COMMANDS = {
     "generate": ("fewstep.generate", "generate images (default: the embedded digits model, offline)"),
+    "bench": ("fewstep.bench", "error vs model calls: fewstep solvers and diffusers' schedulers side by side"),
     "search": ("fewstep.search", "search a NeuralSolver (time grid + coefficients) for a model"),
     "solvers": ("fewstep.solvers.listing", "list the solvers: order, model calls per step, recommended steps"),
 }
