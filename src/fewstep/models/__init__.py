@@ -1,0 +1,1 @@
+"""Models: the embedded digits flow model (`digits`) that ships with the package."""
