@@ -11,9 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,28 +73,18 @@ class GeneratedImage:
         """Write a PNG (metadata in its text chunks) atomically; with `export_json_metadata`, also PATH.json."""
         from PIL.PngImagePlugin import PngInfo
 
+        from fewstep.files import atomic_write
+
         path = Path(path)
         info = PngInfo()
         for key, value in self.metadata.items():
             info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-        _atomic_write(path, lambda f: self.image.save(f, format="PNG", pnginfo=info))
+        png = io.BytesIO()
+        self.image.save(png, format="PNG", pnginfo=info)
+        atomic_write(path, png.getvalue())
         if export_json_metadata:
-            _atomic_write(path.with_suffix(".json"),
-                          lambda f: f.write(json.dumps(self.metadata, indent=2, sort_keys=True).encode()))
+            atomic_write(path.with_suffix(".json"), json.dumps(self.metadata, indent=2, sort_keys=True).encode())
         return path
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write to a temporary file in the same directory, then rename: a crash leaves no half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _metadata(model: str, prompt: str, seed: int, config: Config, steps: int, guidance: float) -> dict:

@@ -12,9 +12,9 @@ import argparse
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from fewstep.files import atomic_write
 
 PEERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler", "DPMSolverMultistepScheduler")
 
@@ -99,25 +99,14 @@ def markdown(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_outputs(rows: list[dict], out: Path, stem: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(out / f"{stem}.csv", buf.getvalue().encode())
-    _atomic_write(out / f"{stem}.json", json.dumps(rows, indent=1).encode())
+    atomic_write(out / f"{stem}.csv", buf.getvalue().encode())
+    atomic_write(out / f"{stem}.json", json.dumps(rows, indent=1).encode())
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +123,7 @@ def write_outputs(rows: list[dict], out: Path, stem: str) -> None:
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    _atomic_write(out / f"{stem}.png", png.getvalue())
+    atomic_write(out / f"{stem}.png", png.getvalue())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from fewstep.files import atomic_write
 from fewstep.models.digits import NULL_CLASS, DigitsFlow
 
 
@@ -57,17 +56,12 @@ def main() -> None:
     torch.set_num_threads(2)
     start = time.time()
     net, loss = train(args.steps)
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    os.close(fd)
     state = {k: v.half().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, tmp, metadata={"config": json.dumps(net.config), "final_loss": f"{loss:.4f}",
-                                    "steps": str(args.steps), "data": "scikit-learn load_digits, scaled to [-1, 1]"})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out / "digits_flow.safetensors")
+    data = save(state, metadata={"config": json.dumps(net.config), "final_loss": f"{loss:.4f}",
+                              "steps": str(args.steps), "data": "scikit-learn load_digits, scaled to [-1, 1]"})
+    atomic_write(Path(args.out) / "digits_flow.safetensors", data)
     print(f"trained in {time.time() - start:.0f} s, final loss {loss:.4f}")
 
 

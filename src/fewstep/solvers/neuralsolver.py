@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,16 +122,9 @@ class SolverFile:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file in the same folder + os.replace): a crash never leaves half a file."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from fewstep.files import atomic_write
+
+        atomic_write(path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
 
 
 @dataclass(frozen=True)
