@@ -1,1 +1,1 @@
-"""Models: the embedded digits flow model (`digits`) that ships with the package."""
+"""Models that ship with the package: the embedded digits flow model and its quality classifier (`digits`)."""
