@@ -60,27 +60,34 @@ def test_measured_omegas_match_spec():
 
 
 def test_fixed_mode_reproduces_corrected_table(ref):
-    """reference/README.md §5 "Corrected STORK", on the official grid (first midpoint inserted, NFE = N + 1)."""
-    table = {(4, 1): [2.365e-1, 6.364e-2, 2.864e-2, 1.097e-2, 5.485e-3, 2.883e-3],
-             (2, 1): [2.304e-1, 6.410e-2, 2.927e-2, 1.087e-2, 5.469e-3, 2.928e-3],
-             (4, 3): [5.867e-1, 4.506e-1, 2.723e-1, 1.561e-1, 4.171e-2, 1.372e-2],
-             (2, 3): [5.364e-1, 4.192e-1, 2.520e-1, 1.446e-1, 3.707e-2, 1.162e-2]}
+    """reference/README.md §5 "Corrected STORK" (an independent implementation of STORK.md §10) on the official grid
+    (first midpoint inserted, NFE = N + 1), with extrapolate="velocity" as there. N = 4 (5 intervals) runs every piece:
+    the midpoint start, the AB2 step, full-history steps with divided differences in the RKG2/ROCK4 cores, the last
+    step. From 6 intervals on, fewstep keeps the start-up stage in the history (§10 drops it), so it no longer
+    reproduces the table's other columns; it beats them at shift 1 (8 NFE: 3.06e-2 vs 2.86e-2 aside) and ties at
+    shift 3, where the midpoint is close to σ = 1."""
+    table = {(4, 1): 2.365e-1, (2, 1): 2.304e-1, (4, 3): 5.867e-1, (2, 3): 5.364e-1}
     g, noise = preset("gmm8d"), torch.from_numpy(ref["noise"])
-    for (o, h), expected in table.items():
-        for n, want in zip((4, 6, 8, 10, 15, 20), expected, strict=True):
-            grid = flow_sigmas(n, h)
-            grid = np.concatenate([grid[:1], [(grid[0] + grid[1]) / 2], grid[1:]])
-            x = execute(get(f"stork-{o}").plan(grid), g.velocity, noise).numpy()
-            assert np.sqrt(np.mean((x - ref["exact"]) ** 2)) == pytest.approx(want, rel=5e-4)
+    for (o, h), want in table.items():
+        grid = flow_sigmas(4, h)
+        grid = np.concatenate([grid[:1], [(grid[0] + grid[1]) / 2], grid[1:]])
+        x = execute(get(f"stork-{o}", extrapolate="velocity").plan(grid), g.velocity, noise).numpy()
+        assert np.sqrt(np.mean((x - ref["exact"]) ** 2)) == pytest.approx(want, rel=5e-4)
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
-@pytest.mark.parametrize(("solver", "opts", "minimum"), [("stork-2", {}, 1.9), ("stork-4", {}, 2.9),
-                                                         ("stork-4", {"derivative_order": 3}, 3.8)])
+@pytest.mark.parametrize(("solver", "opts", "minimum"), [
+    ("stork-2", {}, 1.9), ("stork-4", {}, 2.9), ("stork-4", {"derivative_order": 3}, 3.8),
+    ("stork-4", {"extrapolate": "velocity"}, 2.9)])
 def test_fixed_convergence_order(solver, opts, minimum, shift):
-    order, _, calls = convergence_order(solver, [16, 32, 64, 128], shift=shift, samples=16, **opts)
-    assert calls == [16, 32, 64, 128]
-    assert order >= minimum  # measured: S2 2.42/2.71, S4 2.93/2.98, S4 d3 4.46/4.16 (shift 1/3)
+    """Slopes at 64–512 intervals: the default "noise" form is pre-asymptotic below that (STORK-4 slopes per doubling
+    at shift 1: 2.30, 2.76, 2.90, 2.95, 2.98 from 16 to 512 intervals) while its errors at 16–32 intervals are the
+    smaller ones (8.0e-4 vs 1.4e-3 for "velocity" at 16)."""
+    intervals = [64, 128, 256, 512]
+    order, _, calls = convergence_order(solver, intervals, shift=shift, samples=8, **opts)
+    assert calls == intervals
+    # measured (shift 1/3): S2 2.14/2.46, S4 2.95/2.99, S4 d3 4.03/4.03, S4 velocity 2.99/3.06
+    assert order >= minimum
 
 
 def test_official_mode_does_not_converge_at_order():
@@ -94,8 +101,9 @@ def test_polynomial_velocity_is_exact():
     grid = np.array([1.0, 0.93, 0.8, 0.71, 0.5, 0.42, 0.3, 0.1, 0.02, 0.0])
     x0 = np.ones(3)
     linear, cubic = (lambda s: 1 + 2 * s), (lambda s: 1 + 2 * s + 3 * s**2 + 4 * s**3)
-    for solver, opts, v, integral in [("stork-4", {}, linear, 2.0), ("stork-2", {}, linear, 2.0),
-                                      ("stork-4", {"derivative_order": 3}, cubic, 4.0)]:
+    for solver, opts, v, integral in [("stork-4", {"extrapolate": "velocity"}, linear, 2.0),
+                                      ("stork-2", {"extrapolate": "velocity"}, linear, 2.0),
+                                      ("stork-4", {"derivative_order": 3, "extrapolate": "velocity"}, cubic, 4.0)]:
         x = execute(get(solver, **opts).plan(grid), lambda x, s, v=v: np.full_like(x, v(s)), x0)
         assert np.abs(x - (x0 - integral)).max() < 1e-12
 
@@ -111,17 +119,17 @@ def test_epsilon_prediction_converges(solver):
 
 
 def test_fixed_not_worse_than_official_on_gmm8d(ref):
-    """STORK-4, equal NFE, the 256 reference noises, within 1 %. Measured exceptions: NFE 8 at shift 1 (fixed 4.38e-2
-    vs official 3.65e-2; different grids: 8 intervals vs 7 + an inserted midpoint), and shift 3, NFE 20 is a near tie
-    (1.373e-2 vs 1.363e-2). STORK-2 is not covered: official S2 wins at shift 3, NFE 20 (1.09e-2 vs 1.16e-2)."""
+    """Equal NFE, the 256 reference noises: fixed (defaults) ≤ official at every NFE ≥ 8, both orders and shifts.
+    Tightest cells (fixed / official): STORK-2 shift 3 NFE 20 1.057e-2 / 1.092e-2, STORK-4 shift 1 NFE 8
+    3.18e-2 / 3.65e-2."""
     g, noise, exact = preset("gmm8d"), torch.from_numpy(ref["noise"]), ref["exact"]
-    for o in (4,):
-        for shift, nfes in ((1.0, (10, 15, 20)), (3.0, (8, 10, 15, 20))):
-            for n in nfes:
+    for o in (2, 4):
+        for shift in (1.0, 3.0):
+            for n in (8, 10, 15, 20):
                 fixed, official = (np.sqrt(np.mean((fewstep.sample(g.velocity, noise, f"stork-{o}", steps=n,
                                                                    shift=shift, **opts).numpy() - exact) ** 2))
                                    for opts in ({}, {"compat": "official"}))
-                assert fixed <= 1.01 * official, (o, shift, n, fixed, official)
+                assert fixed < official, (o, shift, n, fixed, official)
 
 
 def test_few_steps_and_extrapolations_run():
