@@ -1,4 +1,10 @@
+"""The diffusers scheduler contract (DIFFUSERS.md §1-§9) for every registered solver, flow and ε-prediction."""
+
+import copy
+import inspect
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -6,97 +12,503 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 import fewstep  # noqa: E402
-from fewstep.diffusers import FewstepScheduler  # noqa: E402
+from fewstep.diffusers import AdamsScheduler, FewstepScheduler, NeuralSolverScheduler, StorkScheduler  # noqa: E402
 
 torch.set_num_threads(1)
 FLUX_DEV = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                 base_image_seq_len=256, max_image_seq_len=4096)
-SOLVERS = [n for n in fewstep.solvers.names()]
+SOLVERS = fewstep.solvers.names()
+GRID_SOLVERS = [n for n in SOLVERS if n != "neuralsolver"]  # those that run on any grid (NeuralSolver: its own)
+STEPS = 6  # every solver can make 6 calls (Heun: 3 intervals; the shipped NeuralSolver tables: 5-10 steps)
+CONFIGS = Path(__file__).parent / "data" / "scheduler_configs"
+
+
+def real_config(name: str) -> dict:
+    return json.loads((CONFIGS / f"{name}.json").read_text())
+
+
+def epsilon_options(solver: str) -> dict:
+    return {"solver_file": "dit"} if solver == "neuralsolver" else {}  # the ε-prediction NeuralSolver table
+
+
+def run(s, velocity, x, timesteps=None):
+    for t in s.timesteps if timesteps is None else timesteps:
+        x = s.step(velocity(x, t), t, x, return_dict=False)[0]
+    return x
+
+
+def constant(c):
+    return lambda x, t: c
+
+
+# --- §9.1-§9.8: grid, indices, loop -------------------------------------------------------------------------------
+
+def test_set_timesteps_signature_has_the_named_parameters():
+    params = inspect.signature(FewstepScheduler.set_timesteps).parameters
+    assert {"num_inference_steps", "device", "sigmas", "mu", "timesteps"} <= set(params)
+
+
+def test_flux_style_call_ignores_mu_without_dynamic_shifting():
+    a, b = FewstepScheduler(solver="adams2"), FewstepScheduler(solver="adams2")
+    a.set_timesteps(sigmas=np.linspace(1, 1 / 4, 4), device="cpu", mu=0.6)
+    b.set_timesteps(sigmas=np.linspace(1, 1 / 4, 4), device="cpu")
+    assert torch.equal(a.timesteps, b.timesteps) and len(a.timesteps) == 4
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
-def test_nfe_and_constant_velocity(solver):
-    try:
-        s = FewstepScheduler(solver=solver, **FLUX_DEV)
-    except (ValueError, TypeError) as e:
-        pytest.skip(f"needs options: {e}")
-    s.set_timesteps(sigmas=np.linspace(1, 1 / 6, 6), device="cpu", mu=1.15)
-    assert len(s.timesteps) == 6 and len(s.sigmas) == 7 and float(s.sigmas[-1]) == 0
+def test_grid_invariants_with_flux_dev_config(solver):
+    s = FewstepScheduler(solver=solver, **FLUX_DEV)
+    s.set_timesteps(sigmas=np.linspace(1, 1 / STEPS, STEPS), device="cpu", mu=1.15)
+    t, sig = s.timesteps, s.sigmas
+    assert t.dtype == torch.float32 and len(t) == STEPS and len(sig) == STEPS + 1
+    assert float(sig[-1]) == 0.0 and float(sig[0]) <= 1.0
+    assert bool((t[1:] <= t[:-1]).all()) and float(t.max()) <= 1000
+    # in (0, 1000], except Heun's last stage, which is evaluated at the end point σ = 0
+    assert float(t[:-1].min()) > 0 and (float(t[-1]) > 0 or solver == "heun")
+    torch.testing.assert_close(t / 1000, sig[:-1], atol=2e-3, rtol=0)
+
+
+def test_set_timesteps_resets_indices_and_history():
+    s = FewstepScheduler(solver="adams4")
+    s.set_timesteps(STEPS)
     s.set_begin_index(0)
-    x = torch.randn(1, 16, 4)
-    c = torch.randn(1, 16, 4)
-    x0 = x.clone()
-    for t in s.timesteps:
-        x = s.step(c, t, x, return_dict=False)[0]
-    torch.testing.assert_close(x, x0 - float(s.sigmas[0]) * c, atol=2e-4, rtol=0)
+    x = torch.randn(1, 8, 4, generator=torch.Generator().manual_seed(0))
+    first = run(s, lambda x, t: torch.sin(x) * t / 1000, x)
+    assert s.step_index == STEPS and s.begin_index == 0
+    s.set_timesteps(STEPS)
+    assert s.step_index is None and s.begin_index is None
+    assert torch.equal(run(s, lambda x, t: torch.sin(x) * t / 1000, x), first)  # §9.8: same output again
 
 
-def test_euler_matches_flowmatch():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_half_precision_loop_counts_calls_and_keeps_dtype(solver, dtype):
+    s = FewstepScheduler(solver=solver, **FLUX_DEV)
+    s.set_timesteps(sigmas=np.linspace(1, 1 / STEPS, STEPS), mu=0.8)
+    x = torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    calls = 0
+
+    def velocity(x, t):
+        nonlocal calls
+        calls += 1
+        return (torch.tanh(x.float()) - 0.5).to(dtype)
+
+    out = run(s, velocity, x)
+    assert calls == len(s.timesteps) == STEPS
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+    with pytest.raises(ValueError, match="set_timesteps again"):
+        s.step(x, s.timesteps[-1], x)
+    # float32 math inside: the same run on the float32 upcast agrees to half precision
+    s.set_timesteps(sigmas=np.linspace(1, 1 / STEPS, STEPS), mu=0.8)
+    ref = run(s, lambda x, t: (torch.tanh(x.float()) - 0.5).to(dtype).float(), x.float())
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 4), (2, 4, 8, 8), (1, 4, 2, 8, 8)])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_constant_velocity_is_integrated_exactly_in_any_rank(solver, shape):
+    s = FewstepScheduler(solver=solver, **FLUX_DEV)
+    s.set_timesteps(sigmas=np.linspace(1, 1 / STEPS, STEPS), device="cpu", mu=1.15)
+    s.set_begin_index(0)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    c = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(run(s, constant(c), x), x - float(s.sigmas[0]) * c, atol=2e-4, rtol=0)
+
+
+M, C = 0.3, 0.5  # data ~ N(M, C²): the flow map is exact (DIFFUSERS.md §9.9)
+
+
+def gaussian_velocity(x, t):
+    s = float(t) / 1000
+    xt, var = x - (1 - s) * M, (1 - s) ** 2 * C ** 2 + s ** 2
+    return s * xt / var - (M + (1 - s) * C ** 2 * xt / var)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_error_decreases_with_steps_on_an_exact_flow(solver):
+    z = torch.randn(1, 256, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    errors = []
+    for steps in (5, 10) if solver == "neuralsolver" else (4, 8, 16, 32):
+        s = FewstepScheduler(solver=solver)
+        s.set_timesteps(sigmas=np.linspace(1, 1 / steps, steps))
+        errors.append(float((run(s, gaussian_velocity, z) - (M + C * z)).abs().max()))
+    assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert errors[-1] < errors[0] / 2.5, errors
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_adapter_equals_fewstep_sample(solver):
+    """§3: the SD3 path (no sigmas) and the Flux path (sigmas + mu) run the plan `fewstep.sample` runs."""
+    x = torch.randn(1, 32, 8, generator=torch.Generator().manual_seed(0))
+
+    def model(x, sigma):
+        return torch.sin(3 * x) * sigma + 0.2
+
+    for cfg, call, sample_args in (
+            (dict(shift=3.0), dict(num_inference_steps=STEPS), dict(shift=3.0)),
+            (FLUX_DEV, dict(sigmas=np.linspace(1, 1 / STEPS, STEPS), mu=0.9),
+             dict(sigmas=np.linspace(1, 1 / STEPS, STEPS), mu=0.9))):
+        s = FewstepScheduler(solver=solver, **cfg)
+        s.set_timesteps(**call)
+        ours = run(s, lambda x, t: model(x, float(t) / 1000), x)
+        if solver == "heun" and "sigmas" in sample_args:  # Heun: STEPS calls on STEPS/2 nodes of the same schedule
+            sample_args = {**sample_args, "sigmas": np.linspace(1, 1 / STEPS, STEPS // 2)}
+        plan = fewstep.make_plan(solver, STEPS, **sample_args)
+        torch.testing.assert_close(s.sigmas[:-1], torch.from_numpy(plan.sigmas).float(), atol=1e-7, rtol=0)
+        # the model sees σ through float32 timesteps in both runs
+        ref = fewstep.sample(lambda x, sigma: model(x, float(np.float32(sigma * 1000)) / 1000), x, solver, STEPS,
+                             **sample_args)
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_euler_matches_flowmatch_euler():
     ours = FewstepScheduler(solver="euler", **FLUX_DEV)
     ref = FlowMatchEulerDiscreteScheduler(**FLUX_DEV)
     for s in (ours, ref):
-        s.set_timesteps(sigmas=np.linspace(1, 1 / 4, 4), device="cpu", mu=0.8)
+        s.set_timesteps(sigmas=np.linspace(1, 1 / 8, 8), device="cpu", mu=0.8)
     torch.testing.assert_close(ours.timesteps, ref.timesteps, atol=1e-3, rtol=0)
-    x = torch.randn(1, 8, 4)
+    x = torch.randn(1, 8, 4, generator=torch.Generator().manual_seed(0))
     a, b = x.clone(), x.clone()
     for t in ours.timesteps:
-        v = torch.sin(a)
-        a = ours.step(v, t, a, return_dict=False)[0]
-        b = ref.step(v, t, b, return_dict=False)[0]
+        a = ours.step(torch.sin(a), t, a, return_dict=False)[0]
+        b = ref.step(torch.sin(b), t, b, return_dict=False)[0]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def test_mu_ignored_without_dynamic_and_errors():
-    s = FewstepScheduler(solver="adams2")
-    s.set_timesteps(sigmas=np.linspace(1, 0.25, 4), device="cpu", mu=0.6)
-    assert len(s.timesteps) == 4
-    with pytest.raises(ValueError):
-        FewstepScheduler(solver="nope")
-    with pytest.raises(ValueError):
-        FewstepScheduler(solver="euler", **FLUX_DEV).set_timesteps(4)
+# --- §9.10-§9.12, §5: mid-schedule entry --------------------------------------------------------------------------
 
-
-def test_mid_schedule_entry():
-    s = FewstepScheduler(solver="adams2", shift=3.0)
-    s.set_timesteps(8)
-    s.set_begin_index(3)
-    x = torch.randn(2, 4, 4, 4)
-    c = torch.ones_like(x)
-    x0 = x.clone()
-    n = 0
-    for t in s.timesteps[3:]:
-        x = s.step(c, t, x).prev_sample
-        n += 1
-    assert n == 5
-    torch.testing.assert_close(x, x0 - float(s.sigmas[3]) * c, atol=2e-4, rtol=0)
-
-
-KNOWN_ENTRY_GAPS = {"heun", "neuralsolver"}  # re-planning on the sub-grid is not yet exact for these (see report)
-
-
-@pytest.mark.parametrize("solver", [pytest.param(n, marks=pytest.mark.xfail(strict=False, reason="known gap"))
-                                    if n in KNOWN_ENTRY_GAPS else n for n in SOLVERS])
-def test_mid_schedule_entry_all_solvers(solver):
+@pytest.mark.parametrize("solver", GRID_SOLVERS)
+def test_set_begin_index_runs_the_rest_exactly(solver):
     s = FewstepScheduler(solver=solver, shift=3.0)
     s.set_timesteps(8)
-    x = torch.randn(1, 4, 8)
-    c = torch.ones_like(x)
-    x0 = x.clone()
-    k = 3
-    for t in s.timesteps[k:]:  # no begin index: entry found through index_for_timestep
-        x = s.step(c, t, x, return_dict=False)[0]
-    assert s.step_index == len(s.timesteps)
-    torch.testing.assert_close(x, x0 - float(s.sigmas[k]) * c, atol=2e-4, rtol=0)
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    c = torch.randn_like(x)
+    for k in range(1, 8):  # every entry point, Heun's mid-step ones included
+        s.set_timesteps(8)
+        s.set_begin_index(k)
+        out = run(s, constant(c), x, s.timesteps[k:])
+        assert s.step_index == 8
+        torch.testing.assert_close(out, x - float(s.sigmas[k]) * c, atol=2e-4, rtol=0)
 
+
+@pytest.mark.parametrize("solver", GRID_SOLVERS)
+def test_entry_without_begin_index_recovers_the_index_from_the_timestep(solver):
+    s = FewstepScheduler(solver=solver, shift=3.0)
+    s.set_timesteps(8)
+    x = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(0))
+    c = torch.ones_like(x)
+    # A repeated value (Heun's stage σ = next node) means the second occurrence, as FlowMatchEuler decides.
+    entries = [k for k in range(1, 8) if s.index_for_timestep(s.timesteps[k]) == k]
+    assert len(entries) == (4 if solver == "heun" else 7)
+    for k in entries:
+        s.set_timesteps(8)
+        out = run(s, constant(c), x, s.timesteps[k:])
+        assert s.step_index == 8
+        torch.testing.assert_close(out, x - float(s.sigmas[k]) * c, atol=2e-4, rtol=0)
+
+
+def test_heun_entry_between_its_stages_spends_one_call_resynchronising():
+    s = FewstepScheduler(solver="heun")
+    s.set_timesteps(8)
+    x = torch.randn(1, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    s.set_begin_index(3)  # timesteps[3] is the second stage of step 1, at the σ of node 2
+    seen = []
+    out = run(s, lambda x, t: seen.append(x.clone()) or gaussian_velocity(x, t), x, s.timesteps[3:])
+    assert torch.equal(seen[0], seen[1])  # the first call did not move the sample
+    ref = FewstepScheduler(solver="heun")
+    ref.set_timesteps(timesteps=s.timesteps[4::2].double().numpy())  # Heun from node 2 on the same nodes
+    # (to float32 rounding of the nodes: not resynchronising would be off by ~1e-2)
+    torch.testing.assert_close(out, run(ref, gaussian_velocity, x), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("options", [{"solver": "neuralsolver"}, {"solver": "adams2", "solver_options": {
+    "startup": "rk"}}, {"solver": "stork-2", "solver_options": {"compat": "official"}}])
+def test_solvers_that_cannot_restart_mid_schedule_say_so_at_set_begin_index(options):
+    s = FewstepScheduler(**options)
+    s.set_timesteps(8)
+    s.set_begin_index(0)  # a full run is fine
+    with pytest.raises(ValueError, match="cannot start at timestep index 3 of 8"):
+        s.set_begin_index(3)
+    s.set_timesteps(8)
+    x = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="cannot start at timestep index 3 of 8"):  # same through the lookup
+        s.step(x, s.timesteps[3], x)
+
+
+def test_scale_noise_uses_begin_index_then_step_index_then_lookup():
+    s = FewstepScheduler(solver="adams2", **FLUX_DEV)
+    s.set_timesteps(sigmas=np.linspace(1, 1 / 8, 8), mu=1.0)
+    x0, n = torch.randn(2, 16, 4), torch.randn(2, 16, 4)
+    for k in (0, 3, 7):  # lookup (no begin index)
+        sigma = float(s.sigmas[k])
+        torch.testing.assert_close(s.scale_noise(x0, s.timesteps[k:k + 1], n), sigma * n + (1 - sigma) * x0)
+    s.set_begin_index(3)
+    sigma = float(s.sigmas[3])
+    torch.testing.assert_close(s.scale_noise(x0, s.timesteps[3:4], n), sigma * n + (1 - sigma) * x0)
+    s.step(n, s.timesteps[3], x0)
+    sigma = float(s.sigmas[4])  # inpaint re-noises with timesteps[i + 1] after step i
+    torch.testing.assert_close(s.scale_noise(x0, s.timesteps[4:5], n), sigma * n + (1 - sigma) * x0)
+    assert s.scale_noise(x0.bfloat16(), s.timesteps[4:5], n.bfloat16()).dtype == torch.bfloat16
+
+
+def test_flow_add_noise_is_the_flow_forward_process_per_sample():
+    s = FewstepScheduler(solver="euler")
+    s.set_timesteps(4)
+    x0, n = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([900.0, 500.0, 20.0])
+    sigma = (t / 1000).reshape(3, 1, 1, 1)
+    torch.testing.assert_close(s.add_noise(x0, n, t), sigma * n + (1 - sigma) * x0)
+
+
+# --- §9.13-§9.16: config, serialisation, public API, copies -------------------------------------------------------
+
+def test_from_config_keeps_flux_dev_keys():
+    s = FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler(**FLUX_DEV).config, solver="stork-4")
+    for key, value in FLUX_DEV.items():
+        assert s.config[key] == value
+    assert s.shift == 3.0 and s.config.solver == "stork-4"
+
+
+@pytest.mark.parametrize("name,steps,mu", [("flux_dev", 8, 1.15), ("flux_schnell", 4, 0.6), ("sd3", 8, None),
+                                           ("qwen_image", 8, 0.7), ("pixart_sigma", 8, None)])
+def test_from_real_checkpoint_configs(name, steps, mu):
+    cfg = real_config(name)
+    s = FewstepScheduler.from_config(cfg, solver="adams2")
+    assert s.config.prediction_type == ("epsilon" if name == "pixart_sigma" else "flow_prediction")
+    for key in {k for k in cfg if not k.startswith("_")} & set(s.config):
+        assert s.config[key] == cfg[key], key
+    if name == "pixart_sigma":
+        s.set_timesteps(steps)
+        torch.testing.assert_close(s.timesteps, torch.from_numpy(np.linspace(0, 999, steps).round()[::-1].copy())
+                                   .float())  # timestep_spacing "linspace"
+        return
+    s.set_timesteps(sigmas=np.linspace(1, 1 / steps, steps), mu=mu) if mu is not None else s.set_timesteps(steps)
+    ref = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    ref.set_timesteps(sigmas=np.linspace(1, 1 / steps, steps), mu=mu) if mu is not None else ref.set_timesteps(steps)
+    torch.testing.assert_close(s.sigmas, ref.sigmas, atol=1e-6, rtol=0)  # shift, dynamic shift, shift_terminal
+    if name == "qwen_image":
+        assert abs(float(s.sigmas[-2]) - 0.02) < 1e-6
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_save_pretrained_round_trip_reproduces_the_loop(solver, tmp_path):
+    s = FewstepScheduler(solver=solver, **FLUX_DEV)
+    s.save_pretrained(tmp_path)
+    again = FewstepScheduler.from_pretrained(tmp_path)
+    x = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for sched in (s, again):
+        sched.set_timesteps(sigmas=np.linspace(1, 1 / STEPS, STEPS), mu=1.0)
+        outs.append(run(sched, lambda x, t: torch.cos(x) * t / 1000, x))
+    assert torch.equal(*outs)
+
+
+def test_public_api_init_noise_sigma_scale_model_input_len_and_shift():
+    s = FewstepScheduler()
+    x = torch.randn(2, 4, 8, 8)
+    assert s.init_noise_sigma == 1.0 and s.scale_model_input(x, 500.0) is x and len(s) == 1000
+    s.set_shift(2.0)
+    s.set_timesteps(4)
+    ref = FlowMatchEulerDiscreteScheduler(shift=2.0)
+    ref.set_timesteps(4)
+    torch.testing.assert_close(s.sigmas, ref.sigmas, atol=1e-6, rtol=0)
+    assert s.shift == 2.0 and s.config.shift == 1.0  # a real attribute, distinct from the config key
+
+
+def test_deep_copy_is_independent():
+    s = FewstepScheduler(solver="adams3")
+    s.set_timesteps(STEPS)
+    x = torch.randn(1, 8, 4, generator=torch.Generator().manual_seed(0))
+    for t in s.timesteps[:2]:
+        x = s.step(torch.sin(x), t, x).prev_sample
+    twin = copy.deepcopy(s)
+    rest = s.timesteps[2:]
+    a = run(s, lambda x, t: torch.sin(x), x, rest)
+    assert s.step_index == STEPS and twin.step_index == 2
+    assert torch.equal(run(twin, lambda x, t: torch.sin(x), x, rest), a)
+
+
+def test_return_dict_false_matches_the_output_dataclass():
+    a, b = FewstepScheduler(solver="stork-2"), FewstepScheduler(solver="stork-2")
+    for s in (a, b):
+        s.set_timesteps(STEPS)
+    x = torch.randn(1, 8, 4)
+    for t in a.timesteps:
+        xa = a.step(torch.sin(x), t, x, return_dict=False)[0]
+        xb = b.step(torch.sin(x), t, x).prev_sample
+        assert torch.equal(xa, xb)
+        x = xa
+
+
+# --- ε-prediction (PixArt-Σ, SD): VP schedule from the betas -------------------------------------------------------
+
+def ddim_alphas_cumprod() -> torch.Tensor:
+    return DDIMScheduler().alphas_cumprod.double()
+
+
+def gaussian_epsilon(x, t):
+    """The exact ε-prediction for data ~ N(M, C²) at VP timestep t (an integer of the DDIM grid)."""
+    abar = float(ddim_alphas_cumprod()[int(round(float(t)))])
+    alpha, sigma = abar ** 0.5, (1 - abar) ** 0.5
+    return sigma * (x - alpha * M) / (alpha ** 2 * C ** 2 + sigma ** 2)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("steps", [4, 10, 25])
+def test_epsilon_euler_is_ddim_eta_0(steps, dtype, atol):
+    ref = DDIMScheduler(clip_sample=False)
+    ours = FewstepScheduler.from_config(ref.config, solver="euler")
+    for s in (ref, ours):
+        s.set_timesteps(steps)
+    assert torch.equal(ours.timesteps, ref.timesteps.float())
+    x = torch.randn(2, 4, 8, 8, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    a, b = x.clone(), x.clone()
+    for t, t_ref in zip(ours.timesteps, ref.timesteps, strict=True):
+        a = ours.step(gaussian_epsilon(a, t), t, a).prev_sample
+        b = ref.step(gaussian_epsilon(b, t_ref), t_ref, b, eta=0.0).prev_sample
+    assert a.dtype == dtype
+    torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+def test_from_config_of_a_default_ddim_scheduler_is_epsilon():
+    """DDIMScheduler() marks every key as a default (`_use_default_values`); its ε must survive from_config."""
+    s = FewstepScheduler.from_config(DDIMScheduler().config, solver="adams2")
+    assert s.config.prediction_type == "epsilon" and s.config.timestep_spacing == "leading"
+    s.set_timesteps(4)
+    assert s.timesteps.tolist() == [750.0, 500.0, 250.0, 0.0]
+
+
+def flow_time(abar):
+    return (1 - abar) ** 0.5 / (abar ** 0.5 + (1 - abar) ** 0.5)
+
+
+def noised(z, abar):
+    """The sample at noise level ᾱ on the trajectory that ends at M + C·z."""
+    return (abar * C ** 2 + 1 - abar) ** 0.5 * z + abar ** 0.5 * M
+
+
+@pytest.mark.parametrize("solver", GRID_SOLVERS)
+def test_epsilon_mode_is_the_flow_solver_in_flow_coordinates(solver):
+    """Independent of `_epsilon_plan`: the flow-mode adapter on the s grid, with the ε-model converted per call
+    (x̃ = x·√((1−s)² + s²), v = (ε − x̃)/(1 − s)), gives the same sample."""
+    steps = 8
+    eps_s = FewstepScheduler.from_config(DDIMScheduler().config, solver=solver)
+    eps_s.set_timesteps(steps)
+    abar = ddim_alphas_cumprod().numpy()
+    n = fewstep.solvers.intervals_for(fewstep.solvers.get(solver), steps)
+    grid = np.r_[flow_time(abar[(np.arange(n) * (1000 // n))[::-1]]), 0.0]  # DDIM's "leading" nodes as flow times
+    flow_s = FewstepScheduler(solver=solver)
+    flow_s.set_timesteps(timesteps=1000 * grid[:-1])
+    call_s = fewstep.solvers.grid_plan(fewstep.solvers.get(solver), grid).sigmas  # float64, unlike flow_s.timesteps
+    z = torch.randn(1, 64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = noised(z, abar[int(eps_s.timesteps[0])])
+    xt = x * (1 - flow_time(abar[int(eps_s.timesteps[0])])) / abar[int(eps_s.timesteps[0])] ** 0.5
+    out = run(eps_s, gaussian_epsilon, x)
+    for t_eps, t_flow, s in zip(eps_s.timesteps, flow_s.timesteps, call_s, strict=True):
+        x_vp = xt / ((1 - s) ** 2 + s ** 2) ** 0.5
+        xt = flow_s.step((gaussian_epsilon(x_vp, t_eps) - xt) / (1 - s), t_flow, xt).prev_sample
+    torch.testing.assert_close(out, xt, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_epsilon_mode_converges_for_every_solver(solver):
+    z = torch.randn(1, 256, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    abar = ddim_alphas_cumprod().numpy()
+    errors = []
+    for steps in (5, 10) if solver == "neuralsolver" else (8, 16, 32):
+        s = FewstepScheduler.from_config(real_config("pixart_sigma"), solver=solver,
+                                         solver_options=epsilon_options(solver))
+        s.set_timesteps(steps)
+        assert len(s.timesteps) == steps and float(s.timesteps.max()) <= 999
+        # ᾱ where the model is called, interpolated as the scheduler does (NeuralSolver's grid is not on integers)
+        table = dict(zip(s.timesteps.tolist(), np.interp(s.timesteps.double().numpy(), np.arange(1000), abar),
+                         strict=True))
+
+        def eps(x, t, table=table):
+            a = table[float(t)]
+            return (1 - a) ** 0.5 * (x - a ** 0.5 * M) / (a * C ** 2 + 1 - a)
+
+        end = float(s.sigmas[-1])  # 0, or where the dit table stops (VP t = 1e-3)
+        out = run(s, eps, noised(z, table[float(s.timesteps[0])]))
+        errors.append(float((out - noised(z, 1 / (1 + (end / (1 - end)) ** 2))).abs().max()))
+    # (not monotone at every N for the multistep methods at few steps: adams3 is lucky at 8)
+    assert errors[-1] == min(errors) and errors[-1] < errors[0] / 2, errors
+
+
+def test_epsilon_add_noise_matches_ddim_and_scale_noise_agrees():
+    ref = DDIMScheduler()
+    s = FewstepScheduler.from_config(ref.config)
+    x0, n = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([999, 500, 3])
+    torch.testing.assert_close(s.add_noise(x0, n, t), ref.add_noise(x0, n, t), atol=1e-6, rtol=1e-6)
+    s.set_timesteps(10)
+    k = 4
+    torch.testing.assert_close(s.scale_noise(x0, s.timesteps[k:k + 1], n), s.add_noise(x0, n, s.timesteps[k:k + 1]))
+
+
+def test_epsilon_pixart_real_config_runs_every_solver_with_exact_constant_noise():
+    """ε constant and x = α·x0 + σ·ε with x0 = 0: every solver must return x0 = 0 (the flow velocity is ε − x0)."""
+    for solver in SOLVERS:
+        s = FewstepScheduler.from_config(real_config("pixart_sigma"), solver=solver,
+                                         solver_options=epsilon_options(solver))
+        s.set_timesteps(STEPS)
+        eps = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        start = s.add_noise(torch.zeros_like(eps), eps, s.timesteps[:1])
+        out = run(s, constant(eps), start)
+        end = float(s.sigmas[-1])
+        expected = torch.zeros_like(eps) if end == 0 else s._noised(torch.zeros_like(eps), eps, torch.tensor([end]))
+        torch.testing.assert_close(out, expected, atol=1e-8, rtol=0)  # (s.sigmas is float32)
+
+
+# --- bad input: clear errors at construction / set_timesteps ------------------------------------------------------
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: FewstepScheduler(solver="nope"), "unknown solver 'nope'"),
+    (lambda: FewstepScheduler(solver="adams2", solver_options={"stages": 3}), "no option 'stages'"),
+    (lambda: FewstepScheduler(prediction_type="v_prediction"), "prediction_type must be one of"),
+    (lambda: FewstepScheduler(solver="neuralsolver", prediction_type="epsilon"), "made for prediction='flow'"),
+    (lambda: FewstepScheduler(solver="neuralsolver", solver_options={"solver_file": "dit"}), "made for prediction"),
+    (lambda: FewstepScheduler(prediction_type="epsilon", beta_schedule="cubic"), "beta_schedule must be"),
+    (lambda: FewstepScheduler(invert_sigmas=True), "invert_sigmas"),
+])
+def test_bad_construction_is_a_clear_value_error(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("solver,kwargs,call,message", [
+    ("euler", FLUX_DEV, dict(num_inference_steps=4), "needs `mu`"),
+    ("heun", {}, dict(num_inference_steps=5), "cannot make exactly 5 model calls"),
+    ("heun", {}, dict(sigmas=np.linspace(1, 0.2, 5)), "cannot make exactly 5 model calls"),
+    ("neuralsolver", {}, dict(num_inference_steps=4), "has no 4-step solver"),
+    ("euler", {}, dict(num_inference_steps=0), "positive integer"),
+    ("euler", {}, dict(), "needs num_inference_steps"),
+    ("euler", {}, dict(num_inference_steps=3, sigmas=[1.0, 0.5]), "2 sigmas given"),
+    ("euler", {}, dict(sigmas=[1.0, 0.6, 0.7]), "strictly decreasing"),
+    ("euler", dict(prediction_type="epsilon"), dict(sigmas=[1.0, 0.5]), "VP timesteps"),
+])
+def test_bad_set_timesteps_is_a_clear_value_error(solver, kwargs, call, message):
+    s = FewstepScheduler(solver=solver, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        s.set_timesteps(**call)
+
+
+def test_stepping_wrongly_is_a_clear_value_error():
+    s = FewstepScheduler()
+    x = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="set_timesteps before"):
+        s.step(x, 1000.0, x)
+    s.set_timesteps(4)
+    with pytest.raises(ValueError, match="not one of this scheduler's timesteps"):
+        s.step(x, torch.tensor(123.0), x)
+
+
+# --- named schedulers ---------------------------------------------------------------------------------------------
 
 def test_named_schedulers_take_the_stork_docs_kwargs_and_round_trip(tmp_path):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from fewstep.diffusers import AdamsScheduler, NeuralSolverScheduler, StorkScheduler
-
     base = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     stork = StorkScheduler.from_config(base.config, order=2, stages=9)
     assert stork.config.order == 2 and stork.config.shift == 3.0 and stork.config.use_dynamic_shifting
@@ -106,9 +518,27 @@ def test_named_schedulers_take_the_stork_docs_kwargs_and_round_trip(tmp_path):
     again = StorkScheduler.from_pretrained(tmp_path)
     again.set_timesteps(8, mu=1.15)
     assert torch.equal(again.timesteps, stork.timesteps) and again.config.stages == 9
+    generic = FewstepScheduler.from_config(base.config, solver="stork-2", solver_options={"stages": 9})
+    generic.set_timesteps(8, mu=1.15)
+    assert torch.equal(generic.timesteps, stork.timesteps)
     assert AdamsScheduler(order=4).config.order == 4
     NeuralSolverScheduler(solver_file="flowdcn").set_timesteps(6)
     with pytest.raises(ValueError, match="order must be 2 or 4"):
         StorkScheduler(order=3)
     with pytest.raises(ValueError, match="stages"):
         StorkScheduler(stages=1000)
+    with pytest.raises(TypeError):
+        StorkScheduler(shfit=3.0)  # a misspelt schedule key is not swallowed
+
+
+def test_named_schedulers_expose_every_schedule_key_and_do_epsilon():
+    keys = set(inspect.signature(FewstepScheduler.__init__).parameters) - {"self", "solver", "solver_options"}
+    for cls, own in ((StorkScheduler, {"order", "stages", "derivative_order", "compat", "extrapolate"}),
+                     (AdamsScheduler, {"order", "startup"}), (NeuralSolverScheduler, {"solver_file"})):
+        params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        assert params == own | keys and "kwargs" not in params
+    pixart = real_config("pixart_sigma")
+    ns = NeuralSolverScheduler.from_config(pixart, solver_file="dit")
+    ns.set_timesteps(STEPS)
+    assert ns.config.prediction_type == "epsilon" and len(ns.timesteps) == STEPS
+    assert StorkScheduler.from_config(pixart, order=2).config.beta_schedule == "linear"

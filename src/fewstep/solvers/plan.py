@@ -124,22 +124,32 @@ def combine(terms: list[tuple[float, Any]]) -> Any:
 
 
 class PlanRun:
-    """Executes a plan one model call at a time (the shape of a diffusers `step()`): keep only what later rows read."""
+    """Executes a plan one model call at a time (the shape of a diffusers `step()`): keep only what later rows read.
+
+    Everything a step needs (its terms, what to free after it) is worked out here once, so that `advance` is one
+    linear combination and no bookkeeping: this is the per-step overhead of every diffusers scheduler we ship.
+    """
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self._last_x, self._last_v = plan.last_use()
+        last_x, last_v = plan.last_use()
         self._x: dict[int, Any] = {}
         self._v: dict[int, Any] = {}
+        # States first: they carry the compute dtype, so a combination that starts from one stays in it even when the
+        # model outputs are narrower (bf16 v read into a float32 sum).
+        self._terms = [[(c, self._x, j) for j, c in row.x.items()] + [(c, self._v, j) for j, c in row.v.items()]
+                       for row in plan.rows]
+        # After row i: drop what no later row reads (x_i / v_i that no row reads at all are dropped at once).
+        self._free: list[list[tuple[dict[int, Any], int]]] = [[] for _ in plan.rows]
+        for store, last in ((self._x, last_x), (self._v, last_v)):
+            for j in range(plan.calls):
+                self._free[last.get(j, j)].append((store, j))
 
     def advance(self, i: int, x_i: Any, v_i: Any) -> Any:
-        """Given the state x_i at which call i was made and its output v_i, return x_{i+1} (same compute dtype)."""
+        """Given the state x_i at which call i was made and its output v_i, return x_{i+1} (x_i's dtype or wider)."""
         self._x[i] = x_i
         self._v[i] = v_i
-        row = self.plan.rows[i]
-        terms = [(c, self._x[j]) for j, c in row.x.items()] + [(c, self._v[j]) for j, c in row.v.items()]
-        out = combine(terms)
-        for store, last in ((self._x, self._last_x), (self._v, self._last_v)):
-            for j in [j for j in store if last.get(j, -1) <= i]:
-                del store[j]
+        out = combine([(c, store[j]) for c, store, j in self._terms[i]])
+        for store, j in self._free[i]:
+            del store[j]
         return out
