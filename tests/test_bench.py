@@ -1,11 +1,20 @@
-"""`fewstep bench` on the exact testbed: outputs, reproducibility, peers' sanity."""
+"""`fewstep bench`: outputs, reproducibility, peers against diffusers run by hand, the metrics' exact cases."""
 
 import argparse
 import csv
 
+import numpy as np
 import pytest
+import scipy.stats
+import torch
 
 from fewstep.bench import add_arguments, run, run_bench
+from fewstep.bench.problems import DIGITS_RTOL, load_problem
+from fewstep.bench.run import run_peer
+from fewstep.models.digits import frechet_distance, load_embedded
+from fewstep.testbed import energy_distance, preset, reference_solve
+
+torch.set_num_threads(1)
 
 
 def _args(*argv):
@@ -14,30 +23,131 @@ def _args(*argv):
     return parser.parse_args(list(argv))
 
 
-def test_bench_writes_csv_json_png_and_is_reproducible(tmp_path, capsys):
-    argv = ["--problem", "gmm2d", "--solvers", "euler,adams2", "--nfe", "4,8", "--samples", "64",
+def test_bench_writes_outputs_and_is_reproducible(tmp_path, capsys):
+    argv = ["--problem", "gmm2d", "--solvers", "euler,adams2", "--nfe", "8,4,5", "--samples", "64",
             "--out", str(tmp_path)]
     assert run(_args(*argv)) == 0
     first = capsys.readouterr().out
     assert run(_args(*argv)) == 0
     assert capsys.readouterr().out == first  # seeded: the same table twice
     rows = list(csv.DictReader((tmp_path / "gmm2d-shift1.csv").open()))
-    assert {"problem", "solver", "nfe", "rmse", "median_error"} <= set(rows[0])
-    assert len(rows) == (2 + 3) * 2  # (2 solvers + 3 diffusers peers) × 2 NFE
-    assert (tmp_path / "gmm2d-shift1.json").exists() and (tmp_path / "gmm2d-shift1.png").stat().st_size > 1000
-    assert "best fewstep solver" in first
+    assert {"problem", "solver", "nfe", "rmse", "median_error", "energy_distance"} <= set(rows[0])
+    # 2 fewstep solvers and 4 peers at NFE 4, 5, 8; FlowMatchHeun can make 5 calls only (2n − 1)
+    assert len(rows) == 6 * 3 + 1
+    assert [r["nfe"] for r in rows if r["solver"] == "FlowMatchHeunDiscreteScheduler"] == ["5"]
+    assert (tmp_path / "gmm2d-shift1.png").stat().st_size > 1000
+    assert (tmp_path / "gmm2d-shift1.md").read_text().count("best fewstep solver") == 3
+    assert "- NFE 8: best fewstep solver" in first
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"gmm2d-shift1.{e}" for e in ("csv", "json", "md", "png")]
 
 
-def test_peer_errors_are_sane_and_euler_matches_flow_match_euler():
-    rows = run_bench("gmm2d", ["euler"], [4, 8, 16], samples=64)
+def _by_hand(name, model, noise, steps, shift=1.0):
+    """diffusers' scheduler in the pipeline loop, written out: one model call per timestep, at the scheduler's σ."""
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    sched = cls(shift=shift) if name.startswith("FlowMatch") else cls(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift)
+    sched.set_timesteps(steps)
+    x = noise.clone()
+    for i, t in enumerate(sched.timesteps):
+        x = sched.step(model(x, float(sched.sigmas[i])), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("name, steps, nfe", [("FlowMatchHeunDiscreteScheduler", 3, 5),
+                                              ("UniPCMultistepScheduler", 6, 6),
+                                              ("DEISMultistepScheduler", 6, 6)])
+def test_peer_in_bench_equals_scheduler_by_hand_and_counts_calls(name, steps, nfe):
+    g = preset("gmm8d")
+    noise = torch.randn(64, g.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    calls = []
+
+    def counted(x, sigma):
+        calls.append(sigma)
+        return g.velocity(x, sigma)
+
+    rows = run_bench("gmm8d", [], [nfe], shift=2.0, samples=64, seed=3).rows
+    row = next(r for r in rows if r["solver"] == name)
+    assert torch.equal(run_peer(name, counted, noise, nfe, 2.0), _by_hand(name, g.velocity, noise, steps, 2.0))
+    assert len(calls) == nfe
+    hand = _by_hand(name, g.velocity, noise, steps, 2.0).double()
+    exact = reference_solve(g.velocity, noise).x
+    assert row["rmse"] == pytest.approx(float((hand - exact).pow(2).mean().sqrt()), rel=1e-9)
+
+
+def test_euler_matches_flow_match_euler_and_errors_fall():
+    rows = run_bench("gmm2d", ["euler"], [4, 8, 16], samples=64).rows
     fm = [r["rmse"] for r in rows if r["solver"] == "FlowMatchEulerDiscreteScheduler"]
     ours = [r["rmse"] for r in rows if r["solver"] == "euler"]
     assert fm[0] > fm[1] > fm[2]
     assert max(abs(a - b) for a, b in zip(fm, ours, strict=True)) <= 1e-5
 
 
-def test_bad_problem_and_solver():
+def test_searched_neuralsolver_beats_euler_and_is_seeded():
+    def once():
+        bench = run_bench("gmm2d", ["euler", "neuralsolver-searched"], [4], samples=64, peers=False,
+                          search_iterations=40)
+        return {r["solver"]: r["rmse"] for r in bench.rows}
+
+    first = once()
+    assert first["neuralsolver-searched"] < 0.5 * first["euler"]
+    assert once() == first
+
+
+def test_energy_distance_exact_cases():
+    a = torch.randn(40, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    b = 0.5 + 2 * torch.randn(30, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert energy_distance(a, b) == pytest.approx(scipy.stats.energy_distance(a[:, 0], b[:, 0]), rel=1e-12)
+    # two points at distance d: sqrt(2d − 0 − 0)
+    assert energy_distance(torch.zeros(1, 3), torch.tensor([[3.0, 4.0, 0.0]])) == pytest.approx(np.sqrt(10))
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert energy_distance(x, x) == 0.0
+
+
+def test_frechet_distance_exact_cases():
+    f = torch.randn(300, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert frechet_distance(f, f) == pytest.approx(0.0, abs=1e-10)
+    shift = torch.arange(8, dtype=torch.float64)
+    assert frechet_distance(f, f + shift) == pytest.approx(float(shift.pow(2).sum()), rel=1e-10)
+    # f against 2f: |μ − 2μ|² + tr(C + 4C − 2·2C) = |μ|² + tr C, exactly, for the sample mean and covariance
+    assert frechet_distance(f, 2 * f) == pytest.approx(float(f.mean(0).pow(2).sum() + f.var(0).sum()), rel=1e-10)
+
+
+def test_digits_reference_is_accurate_and_fd_ref_is_zero_on_it():
+    problem = load_problem("digits", 12, 0)
+    model = load_embedded(dtype=torch.float64)
+    tight = reference_solve(model.velocity_fn(torch.arange(4)), problem.noise[:4], rtol=DIGITS_RTOL / 100,
+                            atol=DIGITS_RTOL / 100, check=False).x
+    assert (tight - problem.reference[:4]).abs().max() < 1e-5
+    quality = problem.quality(problem.reference)
+    # 12 samples in 128-d features: a rank-11 covariance, whose matrix square root holds to ~1e-4 only
+    assert quality["fd_ref"] == pytest.approx(0.0, abs=1e-3)
+    assert quality["fd"] > 1.0  # 12 samples against 1797 real digits: far from the data's own statistics
+    assert "noise floor (two random halves of the real data, 899 and 898)" in problem.notes[1]
+
+
+def test_digits_bench_writes_sample_grid(tmp_path, capsys):
+    argv = ["--problem", "digits", "--solvers", "euler", "--nfe", "4,8", "--samples", "12", "--no-peers",
+            "--out", str(tmp_path)]
+    assert run(_args(*argv)) == 0
+    assert "FD to real data / FD-ref" in capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "digits-shift1.csv").open()))
+    assert [float(r["fd_ref"]) > 0 for r in rows] == [True, True]
+    assert float(rows[0]["fd_ref"]) > float(rows[1]["fd_ref"])  # euler at 8 calls is closer to the exact flow
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "digits-shift1-samples.png")
+    assert grid.height > 2 * 16 and grid.width > 2 * 10 * 16  # reference + euler rows, two NFE columns
+
+
+def test_bad_input():
     with pytest.raises(ValueError, match="unknown problem"):
         run(_args("--problem", "cifar"))
-    with pytest.raises(ValueError, match="unknown solver"):
+    with pytest.raises(ValueError, match="unknown solver 'rk45'"):
         run_bench("gmm2d", ["rk45"], [4], samples=8)
+    for nfe in ("4,x", "0,4", ""):
+        with pytest.raises(ValueError, match="--nfe"):
+            run(_args("--problem", "gmm2d", "--nfe", nfe))
+    with pytest.raises(ValueError, match="--samples"):
+        run(_args("--problem", "gmm2d", "--samples", "1"))

@@ -28,7 +28,7 @@ from fewstep.solvers.neuralsolver import SolverFile
 LOSSES = ("reweighted", "trajectory")
 
 
-def _teacher_bank(model: Callable, noise: Any, teacher: str, teacher_steps: int) -> tuple[Any, Any]:
+def teacher_bank(model: Callable, noise: Any, teacher: str = "exact", teacher_steps: int = 200) -> tuple[Any, Any]:
     """Teacher states at `teacher_steps + 1` uniform σ from 1 to 0: (sigmas (L+1,), states (L+1, B, ...))."""
     import torch
 
@@ -102,12 +102,15 @@ def _free_mask(steps: int, order_cap: bool) -> np.ndarray:
 def search(model: Callable[[Any, float], Any], steps: int, *, teacher: str = "exact", teacher_steps: int = 200,
            iterations: int = 1500, batch: int = 64, noise: Any = None, bank: int = 1024, loss: str = "reweighted",
            lr: float = 1e-2, optimizer: str = "adam", init: str = "adams2", progress: bool = False, seed: int = 0,
-           order_cap: bool = True, dim: int | None = None, model_name: str = "") -> SolverFile:
+           order_cap: bool = True, dim: int | None = None, model_name: str = "",
+           trajectories: tuple[Any, Any] | None = None) -> SolverFile:
     """Search a `steps`-step solver for the flow model `model(x, sigma)` (torch, returns v = ε − x0).
 
     `noise`: the training noise bank (a tensor, first axis = samples) or a callable n → tensor (called once for
     `bank` samples); default: `bank` standard normals of shape (dim,). The teacher bank is computed once from it.
     `order_cap=False` drops the paper's N ≤ 6 cap (gmm8d N=6: RMSE 1.4e−2 instead of 2.9e−2).
+    `trajectories`: `teacher_bank(model, noise, teacher, teacher_steps)` computed once and shared by searches of
+    several step counts on the same noise (on a trained model the teacher solve costs more than the search).
     """
     import torch
     from tqdm.auto import tqdm
@@ -125,7 +128,7 @@ def search(model: Callable[[Any, float], Any], steps: int, *, teacher: str = "ex
         noise = noise(bank)
     noise = torch.as_tensor(noise).to(torch.float64)
     started = time.perf_counter()
-    t_sigmas, t_states = _teacher_bank(model, noise, teacher, teacher_steps)
+    t_sigmas, t_states = trajectories or teacher_bank(model, noise, teacher, teacher_steps)
 
     mask = torch.from_numpy(_free_mask(steps, order_cap))
     logits = torch.zeros(steps, dtype=torch.float64, requires_grad=True)

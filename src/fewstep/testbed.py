@@ -162,3 +162,17 @@ def convergence_order(solver: str, intervals: list[int], *, shift: float = 1.0, 
     calls = [make_plan(solver, sigmas=grid, shift=shift, **options).calls for grid in grids]
     slope = -np.polyfit(np.log(intervals), np.log(errors), 1)[0]
     return float(slope), errors, calls
+
+
+def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # Direct differences, not the |a|² + |b|² − 2a·b shortcut, whose cancellation leaves ~1e-8 on the diagonal.
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Energy distance between two sample sets (N, D) and (M, D): sqrt(2·E|X−Y| − E|X−X'| − E|Y−Y'|) over the
+    empirical distributions (V-statistics, so it is ≥ 0 and, in 1-D, equals `scipy.stats.energy_distance`)."""
+    a, b = (torch.as_tensor(t).to(torch.float64).reshape(len(t), -1) for t in (a, b))
+    between = _distances(a, b).mean()
+    within = _distances(a, a).mean() + _distances(b, b).mean()
+    return float((2 * between - within).clamp(min=0).sqrt())
