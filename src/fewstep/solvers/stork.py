@@ -24,8 +24,8 @@ Start-up steps (history shorter than derivative_order + 1) and a step that ends 
 there) use "velocity".
 
 The default is "noise": over the whole testbed (gmm2d, gmm8d, gmm-stiff; shift 1 and 3; 6, 8, 10 NFE; STORK-2 and -4,
-36 cells, 1000 noises) it has the lowest RMSE in 25 cells ("velocity" 7, "data" 4) and the lowest median error in 24
-(`python benchmarks/stork.py`, README). "data" is the one that resolves the stiff mixture.
+36 cells, 1000 noises) it has the lowest RMSE in 20 cells ("velocity" 10, "data" 6) and the lowest median error in 18
+("data" 10, "velocity" 8) (`python benchmarks/stork.py`, README). "data" is the one that resolves the stiff mixture.
 """
 
 from __future__ import annotations
