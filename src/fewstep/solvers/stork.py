@@ -236,7 +236,7 @@ def _factory(order: int) -> Callable[..., Stork]:
     return make
 
 
-register(SolverInfo("stork-2", _factory(2), "2 (official: 1)", 1, "8-20",
-                    "STORK-2: RKG2 stabilized stages on a Taylor-extrapolated drift, 1 call per step"))
-register(SolverInfo("stork-4", _factory(4), "3 (4 with derivative_order=3; official: inconsistent)", 1, "8-20",
-                    "STORK-4: ROCK4 stabilized stages on a Taylor-extrapolated drift, 1 call per step"))
+register(SolverInfo("stork-2", _factory(2), "2 (official: 1)", 1, "6-20",
+                    "STORK-2: RKG2 stages on an extrapolated noise prediction (velocity above σ=½), 1 call per step"))
+register(SolverInfo("stork-4", _factory(4), "3 (4 with derivative_order=3; official: stalls)", 1, "6-20",
+                    "STORK-4: ROCK4 stages on an extrapolated noise prediction (velocity above σ=½), 1 call per step"))
