@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import functools
 
 import numpy as np
 import pytest
@@ -151,3 +152,18 @@ def test_bad_input():
             run(_args("--problem", "gmm2d", "--nfe", nfe))
     with pytest.raises(ValueError, match="--samples"):
         run(_args("--problem", "gmm2d", "--samples", "1"))
+    with pytest.raises(ValueError, match="--search-iterations"):
+        run(_args("--problem", "gmm2d", "--search-iterations", "0"))
+
+
+def test_overhead_flag_prints_and_writes_the_overhead_table(tmp_path, capsys, monkeypatch):
+    from fewstep.bench import overhead
+
+    tiny = functools.partial(overhead.measure_overhead, ["euler"], shape=(1, 16, 4), steps=4, repeats=1)
+    monkeypatch.setattr(overhead, "measure_overhead", tiny)
+    assert run(_args("--overhead", "--out", str(tmp_path))) == 0
+    out = capsys.readouterr().out
+    assert "| euler | bfloat16 |" in out and "| euler | float32 |" in out
+    rows = list(csv.DictReader((tmp_path / "overhead.csv").open()))
+    assert [(r["solver"], r["shape"]) for r in rows] == [("euler", "1x16x4")] * 2
+    assert all(float(r["ratio"]) > 0 for r in rows)

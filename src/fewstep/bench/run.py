@@ -217,7 +217,8 @@ def plot(rows: list[dict], title: str) -> bytes:
     panels = [k for k in ("rmse", "median_error", "fd_ref") if k in rows[0]]
     nfes = sorted({r["nfe"] for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5))
-    colours = plt.get_cmap("tab20").colors
+    tab20 = plt.get_cmap("tab20").colors
+    colours = tab20[::2] + tab20[1::2]  # the ten strong colours first: tab20 pairs each with a paler twin
     for ax, key in zip(axes, panels, strict=True):
         for i, s in enumerate(dict.fromkeys(r["solver"] for r in rows)):
             pts = [(r["nfe"], r[key]) for r in rows if r["solver"] == s and r[key] > 0]
@@ -235,8 +236,8 @@ def plot(rows: list[dict], title: str) -> bytes:
 
 
 def sample_grid(bench: Bench) -> bytes:
-    """One row per method (the reference first), one column per NFE, each cell the digits 0..9 from the same
-    noises; a blank cell where the method cannot make that many calls."""
+    """One row per method (the reference first, repeated in every column), one column per NFE, each cell the
+    digits 0..9 from the same noises; a blank cell where the method cannot make that many calls."""
     from PIL import Image, ImageDraw
 
     from fewstep.models.digits import to_image
@@ -251,7 +252,8 @@ def sample_grid(bench: Bench) -> bytes:
     for j, n in enumerate(nfes):
         draw.text((left + j * w, 4), f"NFE {n}", fill=0)
     draw.text((4, top + cell.height // 3), "reference (DOP853)", fill=0)
-    canvas.paste(cell, (left, top))
+    for j in range(len(nfes)):  # above every column, to compare against
+        canvas.paste(cell, (left + j * w, top))
     for i, s in enumerate(names, start=1):
         draw.text((4, top + i * h + cell.height // 3), s, fill=0)
         for j, n in enumerate(nfes):
@@ -314,6 +316,8 @@ def run(args: argparse.Namespace) -> int:
         return _overhead(args)
     if args.problem not in PROBLEMS:
         raise ValueError(f"unknown problem {args.problem!r}; available: {', '.join(PROBLEMS)}")
+    if args.search_iterations < 1:
+        raise ValueError(f"--search-iterations must be at least 1, got {args.search_iterations}")
     samples = args.samples or (512 if args.problem == "digits" else 1000)
     bench = run_bench(args.problem, args.solvers.split(",") if args.solvers else None, parse_nfe(args.nfe),
                       args.shift, samples, args.seed, not args.no_peers, args.search_iterations)
