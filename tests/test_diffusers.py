@@ -107,6 +107,22 @@ def test_half_precision_loop_counts_calls_and_keeps_dtype(solver, dtype):
     torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("prediction", ["flow_prediction", "epsilon"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("solver", GRID_SOLVERS)
+def test_half_precision_step_is_float32_math_rounded_once(solver, dtype, prediction):
+    """Every step equals the float32 step on the exact upcasts of its inputs, rounded to the half dtype once."""
+    half, full = (FewstepScheduler(solver=solver, prediction_type=prediction) for _ in range(2))
+    for s in (half, full):
+        s.set_timesteps(STEPS)
+    x = torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for t in half.timesteps:
+        v = (torch.tanh(x.float()) - 0.5).to(dtype)
+        out = half.step(v, t, x).prev_sample
+        assert torch.equal(out, full.step(v.float(), t, x.float()).prev_sample.to(dtype))
+        x = out
+
+
 @pytest.mark.parametrize("shape", [(1, 16, 4), (2, 4, 8, 8), (1, 4, 2, 8, 8)])
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_constant_velocity_is_integrated_exactly_in_any_rank(solver, shape):
@@ -542,3 +558,22 @@ def test_named_schedulers_expose_every_schedule_key_and_do_epsilon():
     ns.set_timesteps(STEPS)
     assert ns.config.prediction_type == "epsilon" and len(ns.timesteps) == STEPS
     assert StorkScheduler.from_config(pixart, order=2).config.beta_schedule == "linear"
+
+
+# --- the overhead benchmark's plumbing (its numbers are machine-dependent: not asserted) --------------------------
+
+def test_overhead_rows_and_markdown():
+    from fewstep.bench.overhead import _measurable, measure_overhead, overhead_markdown
+
+    rows = measure_overhead(["euler", "adams2"], shape=(1, 16, 4), steps=4, repeats=2)
+    assert [(r["solver"], r["dtype"]) for r in rows] == [("euler", "bfloat16"), ("adams2", "bfloat16"),
+                                                         ("euler", "float32"), ("adams2", "float32")]
+    for r in rows:
+        assert r["fewstep_us"] > 0 and r["diffusers_us"] > 0 and r["shape"] == "1x16x4" and r["steps"] == 4
+        assert r["ratio"] == pytest.approx(r["fewstep_us"] / r["diffusers_us"])
+    table = overhead_markdown(rows)
+    assert "| solver | dtype | fewstep µs/step | FlowMatchEuler µs/step | ratio |" in table
+    assert table.count("\n| ") == 2 + len(rows) - 1 and f"| adams2 | float32 | {rows[3]['fewstep_us']:.1f} |" in table
+    # the default list: every solver that can make 28 calls with default options (the NeuralSolver tables stop at 10)
+    assert _measurable(None, 28) == [n for n in SOLVERS if n != "neuralsolver"]
+    assert "neuralsolver" in _measurable(None, 8)

@@ -329,8 +329,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True
              ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
-        """One model call. Integrates from `sample` (a callback may have replaced it), in float32 or float64; the
-        model output is read in its own dtype (upcasting bf16 is exact, so it is not copied)."""
+        """One model call. Integrates from `sample` (a callback may have replaced it) in float32 (float64 for float64
+        tensors) and returns `model_output`'s dtype. bf16/fp16 inputs are kept as they are (upcasting them is exact)
+        and read into float32 by the combination itself (`fewstep.solvers.plan.combine`), so no copies are made."""
         if self._step_index is None:
             if self._run is None:
                 raise ValueError("call set_timesteps before step")
@@ -339,8 +340,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if i >= self._run.plan.calls:
             raise ValueError(f"step called {self._step_index + 1} times but there are {len(self.timesteps)} "
                              "timesteps; call set_timesteps again for a new run")
-        x = sample if sample.dtype in (torch.float32, torch.float64) else sample.to(torch.float32)
-        prev = self._run.advance(i, x, model_output).to(model_output.dtype)
+        prev = self._run.advance(i, sample, model_output, model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return (prev,)

@@ -104,23 +104,34 @@ def grid_plan(solver: Solver, grid: np.ndarray) -> Plan:
     return plan
 
 
-def combine(terms: list[tuple[float, Any]]) -> Any:
-    """Σ c·t for torch tensors or NumPy arrays, in as few kernels as possible (first coefficient 1 → one add)."""
+def combine(terms: list[tuple[float, Any]], dtype: Any = None) -> Any:
+    """Σ c·t for torch tensors or NumPy arrays, in as few kernels as possible.
+
+    Torch: accumulated in float32 (float64 if a term is float64) whatever the terms' dtypes; the result has `dtype`
+    (default: the accumulation dtype). Narrower terms (bf16/fp16 model outputs) are read into the float32 sum by the
+    add itself, not copied first. (A bf16 `x.add(v, alpha=c)` would not do: it rounds c to bf16.)
+    """
     (c0, t0), rest = terms[0], terms[1:]
     if isinstance(t0, np.ndarray):
         out = t0 * c0
         for c, t in rest:
             out += c * t
         return out
-    if c0 == 1.0 and rest:
+    # The accumulation width from the tensors themselves (this module imports no torch): 8 bytes if any term has it.
+    width = max(4, *(t.dtype.itemsize for _, t in terms))
+    if t0.dtype.itemsize != width:
+        out = t0.double() if width == 8 else t0.float()
+        if c0 != 1.0:
+            out.mul_(c0)
+    elif c0 == 1.0 and rest:
         c1, t1 = rest[0]
-        out = t0.add(t1, alpha=c1)
+        out = t0.add(t1, alpha=c1)  # t1 may be narrower: promoted, summed at `width`
         rest = rest[1:]
     else:
         out = t0.mul(c0)
     for c, t in rest:
         out.add_(t, alpha=c)
-    return out
+    return out if dtype is None else out.to(dtype)
 
 
 class PlanRun:
@@ -135,8 +146,6 @@ class PlanRun:
         last_x, last_v = plan.last_use()
         self._x: dict[int, Any] = {}
         self._v: dict[int, Any] = {}
-        # States first: they carry the compute dtype, so a combination that starts from one stays in it even when the
-        # model outputs are narrower (bf16 v read into a float32 sum).
         self._terms = [[(c, self._x, j) for j, c in row.x.items()] + [(c, self._v, j) for j, c in row.v.items()]
                        for row in plan.rows]
         # After row i: drop what no later row reads (x_i / v_i that no row reads at all are dropped at once).
@@ -145,11 +154,12 @@ class PlanRun:
             for j in range(plan.calls):
                 self._free[last.get(j, j)].append((store, j))
 
-    def advance(self, i: int, x_i: Any, v_i: Any) -> Any:
-        """Given the state x_i at which call i was made and its output v_i, return x_{i+1} (x_i's dtype or wider)."""
+    def advance(self, i: int, x_i: Any, v_i: Any, dtype: Any = None) -> Any:
+        """Given the state x_i at which call i was made and its output v_i, return x_{i+1}; torch tensors are combined
+        in float32 or wider and returned in `dtype` (default: that compute dtype), see `combine`."""
         self._x[i] = x_i
         self._v[i] = v_i
-        out = combine([(c, store[j]) for c, store, j in self._terms[i]])
+        out = combine([(c, store[j]) for c, store, j in self._terms[i]], dtype)
         for store, j in self._free[i]:
             del store[j]
         return out

@@ -1,0 +1,105 @@
+"""Per-step overhead of fewstep's diffusers scheduler against diffusers' FlowMatchEulerDiscreteScheduler.
+
+Both run FluxPipeline's loop without a model: a fixed model output, a Flux-size packed latent (default 1×4096×64,
+a 1024² image), Flux-dev's config, `set_timesteps(sigmas=linspace(1, 1/N, N), mu=μ(seq_len))` and
+`set_begin_index(0)`. The timed region is the N `step()` calls (set_timesteps is once per image, not per step);
+per-step time = loop time / N, median over `repeats` runs, runs of all schedulers interleaved so that drift in the
+machine's speed hits them alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+FLUX_DEV = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                base_image_seq_len=256, max_image_seq_len=4096)
+DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _flux_mu(seq_len: int) -> float:
+    """Flux's `calculate_shift`: μ linear in the packed sequence length between the config's end points."""
+    slope = (FLUX_DEV["max_shift"] - FLUX_DEV["base_shift"]) / (FLUX_DEV["max_image_seq_len"]
+                                                                 - FLUX_DEV["base_image_seq_len"])
+    return FLUX_DEV["base_shift"] + slope * (seq_len - FLUX_DEV["base_image_seq_len"])
+
+
+def _loop_seconds(scheduler, sample: torch.Tensor, output: torch.Tensor, steps: int, mu: float) -> float:
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), device=sample.device, mu=mu)
+    scheduler.set_begin_index(0)
+    x = sample
+    if sample.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for t in scheduler.timesteps:
+        x = scheduler.step(output, t, x, return_dict=False)[0]
+    if sample.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _measurable(solvers: list[str] | None, steps: int) -> list[str]:
+    """The solvers to time: all registered ones that can make `steps` calls with their default options (the shipped
+    NeuralSolver tables stop at 10-15 steps) unless a list is given, whose failures are the caller's errors."""
+    from fewstep import solvers as registry
+    from fewstep.diffusers import FewstepScheduler
+
+    if solvers is not None:
+        return list(solvers)
+    usable = []
+    for name in registry.names():
+        try:
+            FewstepScheduler(solver=name, **FLUX_DEV).set_timesteps(steps, mu=1.0)
+        except ValueError:
+            continue
+        usable.append(name)
+    return usable
+
+
+def measure_overhead(solvers: list[str] | None = None, shape: tuple[int, ...] = (1, 4096, 64), steps: int = 28,
+                     repeats: int = 5, device: str = "cpu") -> list[dict]:
+    """One row per (solver, dtype): median µs per `step()` of fewstep's adapter and of FlowMatchEuler, and their
+    ratio (< 1: the adapter is cheaper per step)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fewstep.diffusers import FewstepScheduler
+
+    names = _measurable(solvers, steps)
+    mu = _flux_mu(shape[1])  # shape is Flux's packed (batch, tokens, channels)
+    rows = []
+    for dtype in DTYPES:
+        gen = torch.Generator().manual_seed(0)
+        sample = torch.randn(shape, generator=gen).to(device, dtype)
+        output = (0.1 * torch.randn(shape, generator=gen)).to(device, dtype)
+        schedulers = {"diffusers": FlowMatchEulerDiscreteScheduler(**FLUX_DEV)}
+        schedulers |= {name: FewstepScheduler(solver=name, **FLUX_DEV) for name in names}
+        for scheduler in schedulers.values():  # warm-up: allocator, kernels, first-call paths
+            _loop_seconds(scheduler, sample, output, steps, mu)
+        seconds: dict[str, list[float]] = {key: [] for key in schedulers}
+        for _ in range(repeats):
+            for key, scheduler in schedulers.items():
+                seconds[key].append(_loop_seconds(scheduler, sample, output, steps, mu))
+        per_step = {key: 1e6 * statistics.median(values) / steps for key, values in seconds.items()}
+        for name in names:
+            rows.append({"solver": name, "dtype": str(dtype).removeprefix("torch."),
+                         "shape": "x".join(map(str, shape)), "steps": steps, "device": device,
+                         "fewstep_us": per_step[name], "diffusers_us": per_step["diffusers"],
+                         "ratio": per_step[name] / per_step["diffusers"]})
+    return rows
+
+
+def overhead_markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table, with what was measured on one line above it."""
+    if not rows:
+        return "(no overhead rows)\n"
+    first = rows[0]
+    lines = [f"Per-step time of `step()`, latent {first['shape']}, {first['steps']} steps, {first['device']}, "
+             f"{torch.get_num_threads()} torch thread(s); median over repeats. Ratio < 1: fewstep is cheaper than "
+             "FlowMatchEulerDiscreteScheduler.", "",
+             "| solver | dtype | fewstep µs/step | FlowMatchEuler µs/step | ratio |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['solver']} | {r['dtype']} | {r['fewstep_us']:.1f} | {r['diffusers_us']:.1f} | {r['ratio']:.2f} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
