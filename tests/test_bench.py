@@ -11,7 +11,7 @@ import torch
 
 from fewstep.bench import add_arguments, run, run_bench
 from fewstep.bench.problems import DIGITS_RTOL, load_problem
-from fewstep.bench.run import run_peer
+from fewstep.bench.run import markdown, run_peer, write_outputs
 from fewstep.models.digits import frechet_distance, load_embedded
 from fewstep.testbed import energy_distance, preset, reference_solve
 
@@ -115,31 +115,35 @@ def test_frechet_distance_exact_cases():
     assert frechet_distance(f, 2 * f) == pytest.approx(float(f.mean(0).pow(2).sum() + f.var(0).sum()), rel=1e-10)
 
 
-def test_digits_reference_is_accurate_and_fd_ref_is_zero_on_it():
-    problem = load_problem("digits", 12, 0)
+@pytest.fixture(scope="module")
+def digits():
+    return load_problem("digits", 12, 0)
+
+
+def test_digits_reference_is_accurate_and_fd_ref_is_zero_on_it(digits):
     model = load_embedded(dtype=torch.float64)
-    tight = reference_solve(model.velocity_fn(torch.arange(4)), problem.noise[:4], rtol=DIGITS_RTOL / 100,
+    tight = reference_solve(model.velocity_fn(torch.arange(3)), digits.noise[:3], rtol=DIGITS_RTOL / 100,
                             atol=DIGITS_RTOL / 100, check=False).x
-    assert (tight - problem.reference[:4]).abs().max() < 1e-5
-    quality = problem.quality(problem.reference)
+    assert (tight - digits.reference[:3]).abs().max() < 1e-5
+    quality = digits.quality(digits.reference)
     # 12 samples in 128-d features: a rank-11 covariance, whose matrix square root holds to ~1e-4 only
     assert quality["fd_ref"] == pytest.approx(0.0, abs=1e-3)
     assert quality["fd"] > 1.0  # 12 samples against 1797 real digits: far from the data's own statistics
-    assert "noise floor (two random halves of the real data, 899 and 898)" in problem.notes[1]
+    assert "noise floor (two random halves of the real data, 899 and 898)" in digits.notes[1]
 
 
-def test_digits_bench_writes_sample_grid(tmp_path, capsys):
-    argv = ["--problem", "digits", "--solvers", "euler", "--nfe", "4,8", "--samples", "12", "--no-peers",
-            "--out", str(tmp_path)]
-    assert run(_args(*argv)) == 0
-    assert "FD to real data / FD-ref" in capsys.readouterr().out
-    rows = list(csv.DictReader((tmp_path / "digits-shift1.csv").open()))
+def test_digits_bench_writes_sample_grid(digits, tmp_path):
+    bench = run_bench(digits, ["euler"], [4, 8], peers=False)
+    assert markdown(bench).count("FD to real data / FD-ref") == 1
+    write_outputs(bench, tmp_path, "digits", "digits test")
+    rows = list(csv.DictReader((tmp_path / "digits.csv").open()))
     assert [float(r["fd_ref"]) > 0 for r in rows] == [True, True]
     assert float(rows[0]["fd_ref"]) > float(rows[1]["fd_ref"])  # euler at 8 calls is closer to the exact flow
     from PIL import Image
 
-    grid = Image.open(tmp_path / "digits-shift1-samples.png")
+    grid = Image.open(tmp_path / "digits-samples.png")
     assert grid.height > 2 * 16 and grid.width > 2 * 10 * 16  # reference + euler rows, two NFE columns
+    assert (tmp_path / "digits.png").stat().st_size > 1000
 
 
 def test_bad_input():

@@ -122,11 +122,12 @@ def is_peer(name: str) -> bool:
     return name in PEERS or name.endswith("-official")
 
 
-def run_bench(problem: str = "gmm8d", solvers: list[str] | None = None, nfe: list[int] | None = None,
+def run_bench(problem: str | Problem = "gmm8d", solvers: list[str] | None = None, nfe: list[int] | None = None,
               shift: float = 1.0, samples: int = 1000, seed: int = 0, peers: bool = True,
               search_iterations: int = SEARCH_ITERATIONS) -> Bench:
     """Every selected method at every NFE it can make exactly, on the same seeded noises.
-    `solvers`: fewstep methods (default: all, official STORK and the searched NeuralSolver included)."""
+    `problem`: a name, or a `load_problem(...)` result to reuse its reference solve (then `samples` is unused).
+    `solvers`: fewstep methods (None: all, official STORK and the searched NeuralSolver included)."""
     from tqdm.auto import tqdm
 
     torch.set_num_threads(1)  # small batches: intra-op threads only add overhead, and results stay bit-identical
@@ -135,11 +136,11 @@ def run_bench(problem: str = "gmm8d", solvers: list[str] | None = None, nfe: lis
     unknown = [n for n in solvers or () if n not in ours]
     if unknown:
         raise ValueError(f"unknown solver {', '.join(map(repr, unknown))}; available: {', '.join(ours)}")
-    names = [*(solvers or ours), *(PEERS if peers else ())]
-    task = load_problem(problem, samples, seed)
+    names = [*(ours if solvers is None else solvers), *(PEERS if peers else ())]
+    task = load_problem(problem, samples, seed) if isinstance(problem, str) else problem
     table = methods(task, shift, seed, search_iterations)
     rows, kept = [], {}
-    bar = tqdm([(name, n) for name in names for n in nfe], desc=f"bench {problem}", unit="run")
+    bar = tqdm([(name, n) for name in names for n in nfe], desc=f"bench {task.name}", unit="run")
     for name, n in bar:
         bar.set_postfix_str(f"{name} NFE {n}")
         try:
@@ -147,7 +148,7 @@ def run_bench(problem: str = "gmm8d", solvers: list[str] | None = None, nfe: lis
         except ValueError:  # cannot make exactly n model calls (heun: even only; FlowMatchHeun: odd only)
             continue
         per_sample = (x - task.reference).flatten(1).norm(dim=1)
-        rows.append({"problem": problem, "solver": name, "nfe": n, "shift": shift,
+        rows.append({"problem": task.name, "solver": name, "nfe": n, "shift": shift,
                      "rmse": float((x - task.reference).pow(2).mean().sqrt()),
                      "median_error": float(per_sample.median()), **task.quality(x), "peer": is_peer(name)})
         if task.image:
