@@ -106,6 +106,16 @@ def test_energy_distance_exact_cases():
     assert energy_distance(x, x) == 0.0
 
 
+def test_mixture_metrics_on_the_reference_and_on_swapped_modes():
+    problem = load_problem("gmm2d", 40, 0)
+    assert problem.quality(problem.reference)["mode_flips"] == 0.0
+    g = preset("gmm2d")
+    assert torch.equal(g.component(g.means), torch.arange(8))
+    # a quarter turn of the 8-mode ring moves every sample two modes on: all flip, the distribution stays
+    turned = problem.reference @ torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    assert problem.quality(turned)["mode_flips"] == 1.0
+
+
 def test_frechet_distance_exact_cases():
     f = torch.randn(300, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert frechet_distance(f, f) == pytest.approx(0.0, abs=1e-10)
@@ -129,7 +139,7 @@ def test_digits_reference_is_accurate_and_fd_ref_is_zero_on_it(digits):
     # 12 samples in 128-d features: a rank-11 covariance, whose matrix square root holds to ~1e-4 only
     assert quality["fd_ref"] == pytest.approx(0.0, abs=1e-3)
     assert quality["fd"] > 1.0  # 12 samples against 1797 real digits: far from the data's own statistics
-    assert "noise floor (two random halves of the real data, 899 and 898)" in digits.notes[1]
+    assert "noise floor (two random halves of the real data, 899 and 898)" in digits.notes[2]
 
 
 def test_digits_bench_writes_sample_grid(digits, tmp_path):

@@ -71,6 +71,10 @@ class GaussianMixture:
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return self.means[k] + self.variances[k].sqrt()[:, None] * z
 
+    def component(self, x: torch.Tensor) -> torch.Tensor:
+        """The most likely mixture component of each data point x0 (B,): which mode a sample landed in."""
+        return self._posterior(torch.as_tensor(x).to(torch.float64), 1.0, 0.0)[0].argmax(dim=1)
+
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact data log-density log p(x0)."""
         r_logits = (self.log_weights[None] - 0.5 * self.dim * torch.log(2 * math.pi * self.variances)[None]

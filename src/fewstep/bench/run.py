@@ -30,7 +30,8 @@ DEFAULT_NFE = "4,5,6,7,8,9,10,16"  # odd counts too: FlowMatchHeunDiscreteSchedu
 SEARCH_ITERATIONS = 300  # gmm8d, 8 NFE: RMSE 1.5e-2 in 3 s (1500 iterations: 9e-3 in 14 s)
 SEARCH_BATCH = 32
 GRID = 10  # samples per cell of the image grid: labels 0..9
-METRIC_NAMES = {"energy_distance": "ED to data", "fd": "FD to real data", "fd_ref": "FD-ref"}
+METRIC_NAMES = {"energy_distance": "ED to data", "mode_flips": "mode flips", "fd": "FD to real data",
+                "fd_ref": "FD-ref"}
 PEER_NOTES = (
     "FlowMatchHeunDiscreteScheduler: n steps make 2n − 1 model calls (its timesteps list both stages of every step "
     "but the last), so it has rows at odd NFE only; fewstep heun at even NFE only",
@@ -153,7 +154,13 @@ def run_bench(problem: str | Problem = "gmm8d", solvers: list[str] | None = None
                      "median_error": float(per_sample.median()), **task.quality(x), "peer": is_peer(name)})
         if task.image:
             kept[name, n] = x[:GRID]
-    return Bench(rows, task.notes + (PEER_NOTES if peers else ()), kept, task.reference[:GRID])
+    notes = task.notes + (PEER_NOTES if peers else ())
+    if SEARCHED in names:
+        notes += (f"{SEARCHED}: `fewstep.search` per NFE on {len(task.train_noise)} training noises (seed {seed} + 1, "
+                  f"not the bench noises), {search_iterations} iterations, batch {SEARCH_BATCH}, search seed {seed}, "
+                  "one exact DOP853 teacher (rtol 1e-9) shared by all NFE; it learns its own time grid, so `--shift` "
+                  "does not change it. `neuralsolver`: the published SiT table, not searched on this problem",)
+    return Bench(rows, notes, kept, task.reference[:GRID])
 
 
 def _table(rows: list[dict], cell: Callable[[dict], str]) -> str:
