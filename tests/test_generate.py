@@ -71,3 +71,62 @@ def test_solvers_command_lists_every_solver():
     assert result.returncode == 0
     for name in solvers.names():
         assert name in result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_schnell(tmp_path_factory):
+    """A tiny random-weight FluxPipeline with FLUX.1-schnell's scheduler config, saved like a downloaded model."""
+    import pipelines as tiny  # tests/pipelines.py
+
+    path = tmp_path_factory.mktemp("models") / "tiny-schnell"
+    tiny.flux(tiny.FLUX_SCHNELL).save_pretrained(path)
+    return path
+
+
+def test_model_path_generates_end_to_end_from_the_cli(tmp_path, tiny_schnell):
+    out = tmp_path / "out.png"
+    result = fewstep("generate", "--model", str(tiny_schnell), "--prompt", "a fox in the snow", "--steps", "4",
+                     "--scheduler", "stork-2", "--seed", "42", "--height", "32", "--width", "32", "--output", str(out),
+                     "--metadata")
+    assert result.returncode == 0, result.stderr
+    image = Image.open(out)
+    assert image.size == (32, 32) and image.text["model"] == str(tiny_schnell)
+    assert image.text["scheduler"] == "stork-2" and json.loads(image.text["steps"]) == 4
+    assert json.loads(image.text["guidance"]) == 0.0  # schnell-like (no dynamic shifting): no guidance by default
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["seed"] == 42 and sidecar["prompt"] == "a fox in the snow"
+    # img2img from the image just written (`--image PATH STRENGTH`)
+    again = tmp_path / "again.png"
+    result = fewstep("generate", "--model", str(tiny_schnell), "--prompt", "a fox", "--steps", "6", "--image",
+                     str(out), "0.5", "--seed", "1", "--height", "32", "--width", "32", "--output", str(again))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(Image.open(again).text["image_strength"]) == 0.5
+
+
+def test_model_path_python_api_calls_the_transformer_once_per_step(tmp_path, tiny_schnell):
+    import numpy as np
+    import pipelines as tiny
+
+    import fewstep as fs
+
+    model = fs.load(str(tiny_schnell))
+    assert (model.default_steps, model.default_guidance) == (4, 0.0)
+    counter = tiny.CallCounter(model.pipe.transformer)
+    first = model.generate_image(seed=42, prompt="a fox", config=fs.Config(height=32, width=32, scheduler="stork-2"))
+    assert counter.calls == 4 and first.image.size == (32, 32)
+    assert type(model.pipe.scheduler).__name__ == "FewstepScheduler" and model.pipe.scheduler.config.solver == "stork-2"
+    counter.calls = 0
+    second = model.generate_image(seed=42, prompt="a fox", config=fs.Config(height=32, width=32, scheduler="stork-2"))
+    assert counter.calls == 4 and np.array_equal(np.asarray(first.image), np.asarray(second.image))
+    counter.calls = 0
+    path = first.save(tmp_path / "fox.png")
+    edited = model.generate_image(seed=1, prompt="a fox", config=fs.Config(
+        num_inference_steps=6, height=32, width=32, scheduler="adams2", image_path=str(path), image_strength=0.5))
+    assert counter.calls == 3  # strength 0.5 of 6 steps
+    assert edited.image.size == (32, 32)
+    counter.calls = 0
+    with pytest.raises(ValueError, match="neuralsolver cannot start at timestep index 3 of 6"):
+        model.generate_image(seed=1, prompt="a fox", config=fs.Config(
+            num_inference_steps=6, height=32, width=32, scheduler="neuralsolver", image_path=str(path),
+            image_strength=0.5))
+    assert counter.calls == 0  # refused before the first model call
