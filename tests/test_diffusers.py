@@ -332,6 +332,7 @@ def test_public_api_init_noise_sigma_scale_model_input_len_and_shift():
     ref.set_timesteps(4)
     torch.testing.assert_close(s.sigmas, ref.sigmas, atol=1e-6, rtol=0)
     assert s.shift == 2.0 and s.config.shift == 1.0  # a real attribute, distinct from the config key
+    assert {"FlowMatchEulerDiscreteScheduler", "DDIMScheduler"} <= {c.__name__ for c in s.compatibles}
 
 
 def test_deep_copy_is_independent():

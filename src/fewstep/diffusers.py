@@ -9,6 +9,8 @@ One `step()` = one model call and `len(timesteps)` = NFE, for every solver and b
   s = σ/(α+σ), x̃ = x/(α+σ) = x·k(s) with k(s) = √((1−s)² + s²), where dx̃/ds = (ε − x̃)/(1−s). Both changes of
   variables are per-call scalars, so each flow row becomes a row on (x, ε) once, in float64, at `set_timesteps`
   (`_epsilon_plan`); `step()` is then the same single linear combination in both modes. Euler there is DDIM(η=0).
+  Timesteps are VP indices (floats between training timesteps for a searched grid). A call below the lowest
+  training noise (Heun's last stage, at σ = 0) is made at timestep 0.
 """
 from __future__ import annotations
 
@@ -240,9 +242,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Where the pipeline enters (img2img: `t_start * order`). Re-plans here, so that a solver that cannot start
         mid-schedule fails before the denoising loop."""
-        self._begin_index = begin_index
         if self._plan is not None:
             self._start_at(begin_index)
+        self._begin_index = begin_index
 
     def _start_at(self, k: int) -> None:
         self._run = PlanRun(self._plan if k == 0 else self._entry_plan(k))
