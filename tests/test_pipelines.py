@@ -2,17 +2,21 @@
 
 import functools
 import json
+import os
 from pathlib import Path
 
-import numpy as np
-import pipelines as tiny  # tests/pipelines.py (pytest puts tests/ on sys.path)
-import pytest
-import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads these once
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import fewstep
-from fewstep.diffusers import FewstepScheduler, StorkScheduler
+import numpy as np  # noqa: E402
+import pipelines as tiny  # noqa: E402  (tests/pipelines.py; pytest puts tests/ on sys.path)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline  # noqa: E402
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
+
+import fewstep  # noqa: E402
+from fewstep.diffusers import FewstepScheduler, StorkScheduler  # noqa: E402
 
 torch.set_num_threads(1)
 SOLVERS = fewstep.solvers.names()
