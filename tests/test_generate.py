@@ -48,6 +48,8 @@ def test_same_seed_gives_identical_bytes_and_several_seeds_several_files(tmp_pat
     (["--prompt", "7", "--scheduler", "heun", "--steps", "5"], "cannot make exactly 5"),
     (["--prompt", "7", "--model", "schnell"], "huggingface-cli download black-forest-labs/FLUX.1-schnell"),
     (["--prompt", "7", "--scheduler-kwargs", "{\"stages\": 3}"], "no option 'stages'"),
+    (["--prompt", "7", "--scheduler", "stork-4", "--scheduler-kwargs", "{\"order\": 2}"], "contradicts"),
+    (["--prompt", "7", "--scheduler", "euler", "--scheduler-kwargs", "{\"order\": 2}"], "no option 'order'"),
 ])
 def test_bad_input_gives_one_clear_line_and_exit_code_2(tmp_path, args, message):
     result = fewstep("generate", *args, "--output", str(tmp_path / "x.png"))
@@ -62,6 +64,22 @@ def test_python_api_embedded_model(tmp_path):
     image = fs.load().generate_image(seed=5, prompt="digit 4", config=fs.Config(num_inference_steps=8))
     path = image.save(tmp_path / "four.png")
     assert Image.open(path).size == image.image.size
+
+
+def test_stork_docs_order_kwarg_picks_the_solver():
+    """The STORK docs' `scheduler="stork-2", scheduler_kwargs={"order": 2}` (and bare "stork" + order) run the
+    same solver as the plain name: identical pixels."""
+    import fewstep as fs
+
+    model = fs.load()
+
+    def pixels(scheduler, kwargs):
+        config = fs.Config(num_inference_steps=6, scheduler=scheduler, scheduler_kwargs=kwargs)
+        return model.generate_image(seed=2, prompt="5", config=config).image.tobytes()
+
+    plain = pixels("stork-2", {})
+    assert pixels("stork-2", {"order": 2}) == plain and pixels("stork", {"order": 2}) == plain
+    assert pixels("stork", {}) == pixels("stork-4", {}) != plain
 
 
 def test_solvers_command_lists_every_solver():

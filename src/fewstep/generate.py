@@ -14,6 +14,7 @@ import argparse
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,13 +56,31 @@ class Config:
     image_strength: float | None = None
 
 
-def solver_name(scheduler: str) -> str:
-    """A fewstep solver name from a CLI scheduler name (accepting mflux's Euler aliases); ValueError if unknown."""
+FAMILIES = {"stork": "stork-{}", "adams": "adams{}"}  # scheduler families whose member is picked by `order`
+
+
+def resolve_scheduler(scheduler: str, kwargs: dict) -> tuple[str, dict]:
+    """(fewstep solver name, its options) from a CLI/`Config` scheduler name and its kwargs; ValueError if unknown.
+    Accepts mflux's Euler aliases and the STORK docs' `{"order": 2}`: `order` picks the member of a family ("stork"
+    alone is STORK-4, the official default) and must agree with an explicit one ("stork-2" with order 4 is an error)."""
     from fewstep import solvers
 
     name = EULER_ALIASES.get(scheduler, scheduler)
-    solvers.info(name)
-    return name
+    options = dict(kwargs)
+    order = options.pop("order", None)
+    family = next((f for f in FAMILIES if name == f or (name.startswith(f) and name in solvers.names())), None)
+    if order is not None:
+        if family is None:
+            raise ValueError(f"scheduler {scheduler!r} has no option 'order' (it picks the member of: "
+                             f"{', '.join(FAMILIES)})")
+        member = FAMILIES[family].format(order)
+        if name not in (family, member):
+            raise ValueError(f"scheduler {scheduler!r} contradicts scheduler_kwargs order={order!r}")
+        name = member
+    elif name == "stork":
+        name = "stork-4"
+    solvers.info(name)  # an unknown name (or order) raises, listing the solvers
+    return name, options
 
 
 @dataclass
@@ -119,7 +138,7 @@ class EmbeddedModel:
         label = parse_prompt(prompt)
         steps = config.num_inference_steps or self.default_steps
         guidance = self.default_guidance if config.guidance is None else config.guidance
-        solver = solver_name(config.scheduler)
+        solver, options = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
         noise = torch.randn(1, 64, generator=torch.Generator().manual_seed(seed))
         model = self.net.velocity_fn(torch.tensor([label]), guidance)
         sigmas = None
@@ -130,7 +149,7 @@ class EmbeddedModel:
             noise = (1 - strength) * _digit_from_image(config.image_path) + strength * noise
             sigmas = np.linspace(strength, 0.0, steps + 1)
         with torch.no_grad():
-            x = sample(model, noise, solver, steps, sigmas=sigmas, progress=True, **config.scheduler_kwargs)
+            x = sample(model, noise, solver, steps, sigmas=sigmas, progress=True, **options)
         image = to_image(x[0])
         if config.width or config.height:
             size = (config.width or config.height, config.height or config.width)
@@ -182,8 +201,8 @@ class DiffusersModel:
         steps = config.num_inference_steps or self.default_steps
         guidance = self.default_guidance if config.guidance is None else config.guidance
         pipe = self.pipe
-        pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config, solver=solver_name(config.scheduler),
-                                                      solver_options=dict(config.scheduler_kwargs))
+        solver, options = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
+        pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config, solver=solver, solver_options=options)
         kwargs: dict[str, Any] = {"prompt": prompt, "num_inference_steps": steps,
                                   "generator": torch.Generator("cpu").manual_seed(seed), "output_type": "pil"}
         if config.height:
@@ -257,7 +276,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER,
                         help="a fewstep solver (see `fewstep solvers`); linear / flow_match_euler_discrete = euler")
-    parser.add_argument("--scheduler-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"stages": 9}\'')
+    parser.add_argument("--scheduler-kwargs", type=json.loads, default={},
+                        help='JSON solver options, e.g. \'{"order": 2}\' or \'{"stages": 9}\'')
     parser.add_argument("--image", nargs="+", metavar=("PATH", "STRENGTH"), default=None,
                         help="img2img: start from PATH, noised to STRENGTH (default 0.4)")
     parser.add_argument("--output", default="image.png", help="PNG path; {seed} is replaced by the seed")
@@ -269,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be a positive integer, got {args.steps}")
     if not isinstance(args.scheduler_kwargs, dict):
         raise ValueError("--scheduler-kwargs must be a JSON object, e.g. '{\"stages\": 9}'")
-    solver_name(args.scheduler)  # fail before loading a model
+    solver, _ = resolve_scheduler(args.scheduler, args.scheduler_kwargs)  # fail before loading a model
     image_path, strength = None, None
     if args.image:
         image_path = args.image[0]
@@ -277,6 +297,9 @@ def run(args: argparse.Namespace) -> int:
         if not Path(image_path).exists():
             raise FileNotFoundError(f"--image: no such file {image_path}")
     model = load(args.model)
+    if args.model == "dev" and args.steps is None and solver != "euler":
+        print(f"fewstep generate: note: dev defaults to {ALIASES['dev'].steps} steps (its Euler setting); with {solver}"
+              " 10-15 usually suffice (--steps)", file=sys.stderr)
     config = Config(args.steps, args.height, args.width, args.guidance, args.scheduler, args.scheduler_kwargs,
                     image_path, strength)
     for seed in args.seed:
