@@ -285,8 +285,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--problem", default="gmm8d", help=", ".join(PROBLEMS))
     parser.add_argument("--solvers", default=None,
                         help=f"comma-separated fewstep methods (default: all, incl. stork-*-official and {SEARCHED})")
-    parser.add_argument("--nfe", default=DEFAULT_NFE, help="comma-separated model-call budgets")
-    parser.add_argument("--shift", type=float, default=1.0)
+    parser.add_argument("--nfe", default=DEFAULT_NFE, help=f"model-call budgets (default {DEFAULT_NFE})")
+    parser.add_argument("--shift", type=float, default=1.0, help="static time shift of the σ grid (SD3/Flux-dev: 3)")
     parser.add_argument("--samples", type=int, default=None, help="noises (default: 1000; digits 512)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--search-iterations", type=int, default=SEARCH_ITERATIONS,
