@@ -96,6 +96,17 @@ def test_searched_neuralsolver_beats_euler_and_is_seeded():
     assert once() == first
 
 
+def test_search_with_a_shared_teacher_bank_finds_the_same_solver():
+    from fewstep.search import search, teacher_bank
+
+    g = preset("gmm2d")
+    noise = torch.randn(64, g.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    alone = search(g.velocity, 4, noise=noise, iterations=10, batch=16)
+    shared = search(g.velocity, 4, noise=noise, iterations=10, batch=16, trajectories=teacher_bank(g.velocity, noise))
+    for a, b in zip(alone.steps[4], shared.steps[4], strict=True):
+        assert np.array_equal(a, b)
+
+
 def test_energy_distance_exact_cases():
     a = torch.randn(40, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     b = 0.5 + 2 * torch.randn(30, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
