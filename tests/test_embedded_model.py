@@ -21,8 +21,8 @@ from fewstep.models.digits import (
 torch.set_num_threads(1)
 # A retrained or edited weight file changes these: update them only together with the README's quality numbers.
 WEIGHTS_SHA256 = {
-    "digits_flow.safetensors": "7aec496c4ec43b704db363ebe441a486e2212738b7bb07c1e599478743cf2cc9",
-    "digits_classifier.safetensors": "cd4ffad43060721f6189fc8aefda5b932114352b8b83ad9a1923a8f36306093d",
+    "digits_flow.safetensors": "3e0b5e2828dd3afec09e1fd98ab433d3259b46baf3791181142501aeca15f9f0",
+    "digits_classifier.safetensors": "0cf6aac9150d8a073abbbac59e926a587584822f2cae77dfb71ec1cbb7089319",
 }
 
 
