@@ -9,6 +9,7 @@ import pytest
 import scipy.stats
 import torch
 
+import fewstep.search
 from fewstep.bench import add_arguments, run, run_bench
 from fewstep.bench.problems import DIGITS_RTOL, load_problem
 from fewstep.bench.run import markdown, run_peer, write_outputs
@@ -96,13 +97,16 @@ def test_searched_neuralsolver_beats_euler_and_is_seeded():
     assert once() == first
 
 
-def test_search_with_a_shared_teacher_bank_finds_the_same_solver():
+def test_search_with_a_shared_teacher_bank_finds_the_same_solver(monkeypatch):
     from fewstep.search import search, teacher_bank
 
     g = preset("gmm2d")
     noise = torch.randn(64, g.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     alone = search(g.velocity, 4, noise=noise, iterations=10, batch=16)
-    shared = search(g.velocity, 4, noise=noise, iterations=10, batch=16, trajectories=teacher_bank(g.velocity, noise))
+    bank = teacher_bank(g.velocity, noise)
+    with monkeypatch.context() as patch:  # the shared bank must replace the teacher solve, not run beside it
+        patch.setattr(fewstep.search, "teacher_bank", lambda *a, **k: pytest.fail("teacher solved again"))
+        shared = search(g.velocity, 4, noise=noise, iterations=10, batch=16, trajectories=bank)
     for a, b in zip(alone.steps[4], shared.steps[4], strict=True):
         assert np.array_equal(a, b)
 

@@ -490,6 +490,7 @@ def test_epsilon_pixart_real_config_runs_every_solver_with_exact_constant_noise(
     (lambda: FewstepScheduler(solver="neuralsolver", solver_options={"solver_file": "dit"}), "made for prediction"),
     (lambda: FewstepScheduler(prediction_type="epsilon", beta_schedule="cubic"), "beta_schedule must be"),
     (lambda: FewstepScheduler(invert_sigmas=True), "invert_sigmas"),
+    (lambda: FewstepScheduler.from_config(DDIMScheduler(rescale_betas_zero_snr=True).config), "zero terminal SNR"),
 ])
 def test_bad_construction_is_a_clear_value_error(make, message):
     with pytest.raises(ValueError, match=message):

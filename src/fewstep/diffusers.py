@@ -146,6 +146,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        # DDIM keys this adapter does not implement would otherwise stay hidden config and change the noise levels
+        # silently (zero-terminal-SNR rescaling); `set_alpha_to_one` needs no key: sampling always ends at σ = 0.
+        if config is not None and {**config, **kwargs}.get("rescale_betas_zero_snr"):
+            raise ValueError("rescale_betas_zero_snr=True (zero terminal SNR) is not supported")
         if config is not None and "_use_default_values" in config:
             config = dict(config)
             config["_use_default_values"] = [k for k in config["_use_default_values"] if k not in SCHEDULE_KEYS]

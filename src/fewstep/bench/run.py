@@ -22,6 +22,7 @@ import torch
 
 from fewstep.bench.problems import PROBLEMS, Problem, load_problem
 from fewstep.files import atomic_write
+from fewstep.solvers.plan import StepCountError
 
 PEERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "UniPCMultistepScheduler",
          "DPMSolverMultistepScheduler", "DEISMultistepScheduler")
@@ -65,7 +66,7 @@ def _peer_steps(name: str, nfe: int) -> int:
     if name != "FlowMatchHeunDiscreteScheduler":
         return nfe
     if nfe % 2 == 0:
-        raise ValueError(f"{name} makes an odd number of model calls, not {nfe}")
+        raise StepCountError(f"{name} makes an odd number of model calls, not {nfe}")
     return (nfe + 1) // 2
 
 
@@ -74,7 +75,7 @@ def run_peer(name: str, velocity: Callable, noise: torch.Tensor, nfe: int, shift
     sched = _peer_scheduler(name, shift)
     sched.set_timesteps(_peer_steps(name, nfe))
     if len(sched.timesteps) != nfe:
-        raise ValueError(f"{name} makes {len(sched.timesteps)} calls, not {nfe}")
+        raise StepCountError(f"{name} makes {len(sched.timesteps)} calls, not {nfe}")
     x = noise.clone()
     for i, t in enumerate(sched.timesteps):
         x = sched.step(velocity(x, float(sched.sigmas[i])), t, x).prev_sample
@@ -146,7 +147,7 @@ def run_bench(problem: str | Problem = "gmm8d", solvers: list[str] | None = None
         bar.set_postfix_str(f"{name} NFE {n}")
         try:
             x = table[name](n).double()
-        except ValueError:  # cannot make exactly n model calls (heun: even only; FlowMatchHeun: odd only)
+        except StepCountError:  # cannot make exactly n model calls (heun: even only; FlowMatchHeun: odd only)
             continue
         per_sample = (x - task.reference).flatten(1).norm(dim=1)
         rows.append({"problem": task.name, "solver": name, "nfe": n, "shift": shift,

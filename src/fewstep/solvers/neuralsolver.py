@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fewstep.schedules import VPSchedule
-from fewstep.solvers.plan import Plan, Row
+from fewstep.solvers.plan import Plan, Row, StepCountError
 from fewstep.solvers.registry import SolverInfo, register
 
 FORMAT = "fewstep.neuralsolver"
@@ -144,7 +144,7 @@ class NeuralSolver:
 
     def coefficients(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         if n not in self.file.steps:
-            raise ValueError(f"solver file {self.file.source} has no {n}-step solver; it has "
+            raise StepCountError(f"solver file {self.file.source} has no {n}-step solver; it has "
                              f"{', '.join(map(str, sorted(self.file.steps)))} steps")
         dt, m = self.file.steps[n]
         if not self.exact_float32:

@@ -75,6 +75,11 @@ class Solver(Protocol):
         """The plan on `grid` (strictly decreasing σ, last entry = where sampling ends)."""
 
 
+class StepCountError(ValueError):
+    """A solver cannot make exactly the requested number of model calls (a ValueError, for callers that only need
+    that; the bench uses the type to leave such cells blank and let every other error through)."""
+
+
 def intervals_for(solver: Solver, steps: int, name: str = "this solver") -> int:
     """The number of grid intervals on which `solver` makes exactly `steps` model calls."""
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
@@ -89,8 +94,8 @@ def intervals_for(solver: Solver, steps: int, name: str = "this solver") -> int:
         if calls > steps and len(possible) > 4:
             break
     options = sorted(set(possible))
-    raise ValueError(f"{name} cannot make exactly {steps} model calls; it can make {', '.join(map(str, options[:8]))}"
-                     f"{', ...' if len(options) > 8 else ''}")
+    raise StepCountError(f"{name} cannot make exactly {steps} model calls; it can make "
+                         f"{', '.join(map(str, options[:8]))}{', ...' if len(options) > 8 else ''}")
 
 
 def grid_plan(solver: Solver, grid: np.ndarray) -> Plan:
