@@ -217,7 +217,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if calls is not None and plan.calls != calls:
             raise ValueError(f"{self._solver_name} makes {plan.calls} model calls on this grid, not {calls}")
         self._grid = np.asarray(grid, dtype=np.float64)
-        self._plan = _epsilon_plan(plan) if self._epsilon else plan
+        self._plan = plan  # in flow variables; `_start_at` rewrites the plan it runs for ε models
         t = self._timestep_of(plan.sigmas) if self._epsilon else plan.sigmas * cfg.num_train_timesteps
         self.timesteps = torch.from_numpy(t).to(torch.float32).to(device)
         # σ of every call plus the end (flow time s for epsilon), on the CPU as FlowMatchEuler keeps it: no syncs.
@@ -246,16 +246,19 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Where the pipeline enters (img2img: `t_start * order`). Re-plans here, so that a solver that cannot start
         mid-schedule fails before the denoising loop."""
-        if self._plan is not None:
+        fresh = self._offset == begin_index and self._step_index is None  # set_timesteps already started there
+        if self._plan is not None and not fresh:
             self._start_at(begin_index)
         self._begin_index = begin_index
 
     def _start_at(self, k: int) -> None:
-        self._run = PlanRun(self._plan if k == 0 else self._entry_plan(k))
+        plan = self._plan if k == 0 else self._entry_plan(k)
+        self._run = PlanRun(_epsilon_plan(plan) if self._epsilon else plan)
         self._offset = k
 
     def _entry_plan(self, k: int) -> Plan:
-        """The plan from call k on, for a sample at σ_k with no history: the solver re-planned on the grid nodes left.
+        """The flow plan from call k on, for a sample at σ_k with no history: the solver re-planned on the grid nodes
+        left.
 
         Its calls must be exactly the remaining timesteps, because the pipeline evaluates the model there. A Heun
         entry between its two stages (the stage σ equals the next node) gets the re-planned Heun after one call
@@ -267,19 +270,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         rest = self._plan.sigmas[k:]
         nodes = self._grid[self._grid < rest[0] - ENTRY_TOLERANCE]
         if len(nodes) == 0:  # entered at the end σ (Heun's last stage): the sample is already there
-            plan = Plan(rest, self._plan.sigma_end, tuple(Row({i: 1.0}) for i in range(len(rest))))
-            return _epsilon_plan(plan) if self._epsilon else plan
+            return Plan(rest, self._plan.sigma_end, tuple(Row({i: 1.0}) for i in range(len(rest))))
         try:
             plan = grid_plan(self._solver, np.r_[rest[0], nodes])
         except ValueError:
             plan = None
         if plan is not None and plan.calls == len(rest) and np.allclose(plan.sigmas, rest, rtol=0,
                                                                          atol=ENTRY_TOLERANCE):
-            return _epsilon_plan(plan) if self._epsilon else plan
+            return plan
         if plan is not None and plan.calls == len(rest) - 1 and np.allclose(plan.sigmas, rest[1:], rtol=0,
                                                                              atol=ENTRY_TOLERANCE):
-            plan = _restarted(plan)
-            return _epsilon_plan(plan) if self._epsilon else plan
+            return _restarted(plan)
         raise ValueError(f"{self._solver_name} cannot start at timestep index {k} of {len(self.timesteps)} "
                          f"(sigma {rest[0]:.4g}): re-planned on the remaining grid it does not make the remaining "
                          f"{len(rest)} model calls. img2img/inpaint (strength < 1) needs a solver that restarts on any "

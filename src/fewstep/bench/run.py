@@ -313,7 +313,7 @@ def parse_nfe(text: str) -> list[int]:
 def _overhead(args: argparse.Namespace) -> int:
     from fewstep.bench.overhead import measure_overhead, overhead_markdown
 
-    rows = measure_overhead()
+    rows = measure_overhead(solvers=args.solvers.split(",") if args.solvers else None)  # --solvers picks the rows
     print(overhead_markdown(rows))
     if args.out:
         _write_tables(rows, Path(args.out), "overhead")
