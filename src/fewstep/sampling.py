@@ -16,12 +16,9 @@ from typing import Any
 import numpy as np
 
 from fewstep import solvers
+from fewstep.errors import NonFiniteError
 from fewstep.schedules import VPSchedule, flow_sigmas
 from fewstep.solvers.plan import Plan, PlanRun, Solver, grid_plan, intervals_for
-
-
-class NonFiniteError(FloatingPointError):
-    """The model returned NaN or Inf."""
 
 
 def _is_numpy(x: Any) -> bool:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fewstep.errors import InvalidInput
 from fewstep.schedules import check_grid
 
 
@@ -75,7 +76,7 @@ class Solver(Protocol):
         """The plan on `grid` (strictly decreasing σ, last entry = where sampling ends)."""
 
 
-class StepCountError(ValueError):
+class StepCountError(InvalidInput):
     """A solver cannot make exactly the requested number of model calls (a ValueError, for callers that only need
     that; the bench uses the type to leave such cells blank and let every other error through)."""
 
