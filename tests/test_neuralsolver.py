@@ -16,19 +16,18 @@ from fewstep.sampling import make_plan
 from fewstep.solvers.neuralsolver import SolverFile, neuralsolver
 from fewstep.testbed import preset
 
-torch.set_num_threads(1)  # NEURALSOLVER.md §6.1.7
+torch.set_num_threads(1)  # the search is seeded and thread-count dependent: docs/neuralsolver.md §Search
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/reference not present")
+DATA = Path(__file__).resolve().parent / "data"  # the official implementations' outputs: tests/data/README.md
 
 
 @pytest.fixture(scope="module")
 def ref():
-    return np.load(SHARED / "neuralsolver_official.npz")
+    return np.load(DATA / "neuralsolver_official.npz")
 
 
 def rel(a: torch.Tensor, b: np.ndarray) -> float:
-    """reference/README.md §4: max|a − ref| / max|ref|."""
+    """The reference metric of tests/data/README.md: max|a − ref| / max|ref|."""
     return float(np.max(np.abs(a.numpy() - b)) / np.max(np.abs(b)))
 
 
@@ -36,7 +35,6 @@ def rmse(a: torch.Tensor, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a.numpy() - b) ** 2)))
 
 
-@needs_shared
 @pytest.mark.parametrize(("name", "key", "steps"), [("sit", "ns_sit", range(5, 11)),
                                                      ("flowdcn", "ns_flowdcn", (5, 6, 7, 8, 9, 10, 15))])
 def test_flow_tables_reproduce_official_samplers(ref, name, key, steps):
@@ -52,19 +50,17 @@ def test_flow_tables_reproduce_official_samplers(ref, name, key, steps):
             assert rel(plain, ref[f"{key}/diffusers/N{n}/x"]) <= 1e-5  # measured ≤ 1.9e−6
 
 
-@needs_shared
 def test_vp_table_reproduces_single_update_scheduler(ref):
     g, noise = preset("gmm8d"), torch.from_numpy(ref["noise"])
     for n in range(5, 11):
         x = fewstep.sample(g.epsilon, noise, "neuralsolver", n, solver_file="dit", prediction="epsilon")
         assert rel(x, ref[f"vp/ns_dit/N{n}/x"]) <= 1e-5  # measured ≤ 2.3e−6 (upstream: float32 α, σ)
-        # §5: the single update beats DDIM and the released double update.
+        # docs/neuralsolver.md §ε-prediction: the single update beats DDIM and the released double update.
         err = rmse(x, ref["vp/exact"])
         assert err < rmse(torch.from_numpy(ref[f"vp/ddim/N{n}/x"]), ref["vp/exact"])
         assert err < rmse(torch.from_numpy(ref[f"vp/ns_dit_src_as_released/N{n}/x"]), ref["vp/exact"])
 
 
-@needs_shared
 def test_vp_identity_matrix_is_official_ddim(ref):
     """M = I, uniform Δt = 1/N from t = 0.999: exactly upstream's DPM1sSolverSampler (DDIM)."""
     g, noise = preset("gmm8d"), torch.from_numpy(ref["noise"])
@@ -133,9 +129,12 @@ def test_short_search_beats_adams2_on_held_out_noise():
     dt, m = found.steps[6]
     assert abs(dt.sum() - 1.0) < 1e-12 and np.allclose(m.sum(1), 1.0)
     assert np.count_nonzero(np.tril(m, -1)[4:]) <= 2  # N ≤ 6 order cap: last two rows use Q_{i−1}, Q_i only
-    searched = rmse(fewstep.sample(g.velocity, held_out, neuralsolver(found), 6), exact)
-    adams2 = rmse(fewstep.sample(g.velocity, held_out, "adams2", 6), exact)
-    assert searched < 0.6 * adams2, (searched, adams2)  # measured ≈ 0.47× at 300 iterations
+    ours, adams2 = (fewstep.sample(g.velocity, held_out, s, 6).numpy() for s in (neuralsolver(found), "adams2"))
+    ratios = (rmse(torch.from_numpy(ours), exact) / rmse(torch.from_numpy(adams2), exact),
+              np.median(np.linalg.norm(ours - exact, axis=1)) / np.median(np.linalg.norm(adams2 - exact, axis=1)))
+    # Measured with the default (robust-loss) search at 300 iterations: RMSE 0.61×, median error 0.11× adams2's. The
+    # few samples that switch modes carry the RMSE (docs/testbed.md §Metrics), so the median gains far more.
+    assert ratios[0] < 0.75 and ratios[1] < 0.25, ratios
 
 
 def test_search_cli_writes_loadable_file(tmp_path):

@@ -1,9 +1,9 @@
-"""Reproduce the shipped digits weights: `python -m fewstep.models.train_digits --out src/fewstep/models/weights`.
+"""Retrain the digits weights: `python -m fewstep.models.train_digits --out src/fewstep/models/weights`.
 
 Flow model: rectified flow in the library's convention (target ε − x0 at x_σ = (1−σ)x0 + σε, σ ~ U(0, 1)) on all
 1797 digits, Adam with a cosine learning rate, 10 % label dropout for classifier-free guidance. Classifier: an MLP on
-the train part of `split_indices`. About 3 minutes on 2 CPU cores; seeded and deterministic (a rerun on the same
-machine writes identical tensors).
+the train part of `split_indices`. About 5 minutes on 2 CPU cores; seeded. What reproduces is the quality, not the bytes
+(float rounding depends on the CPU and thread count): docs/embedded-model.md, "Reproducibility".
 """
 
 from __future__ import annotations
