@@ -10,6 +10,13 @@ from PIL import Image
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
+def read_image(path):
+    """The image at `path`, loaded and its file closed (PIL keeps a lazily opened file otherwise)."""
+    with Image.open(path) as image:
+        image.load()
+        return image
+
+
 
 def fewstep(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "fewstep", *args], capture_output=True, text=True, env=ENV,
@@ -23,7 +30,7 @@ def test_embedded_generation_writes_png_with_metadata(tmp_path, scheduler):
     result = fewstep("generate", "--prompt", "a handwritten seven", "--steps", steps, "--scheduler", scheduler,
                      "--seed", "3", "--output", str(out), "--metadata")
     assert result.returncode == 0, result.stderr
-    image = Image.open(out)
+    image = read_image(out)
     assert image.text["prompt"] == "a handwritten seven" and image.text["scheduler"] == scheduler
     assert json.loads(image.text["steps"]) == 6 and json.loads(image.text["seed"]) == 3
     sidecar = json.loads(out.with_suffix(".json").read_text())
@@ -43,10 +50,10 @@ def test_same_seed_gives_identical_bytes_and_several_seeds_several_files(tmp_pat
 
 @pytest.mark.parametrize("args,message", [
     (["--prompt", "a cat"], "digit"),
-    (["--prompt", "7", "--scheduler", "dpm++"], "unknown solver 'dpm++'; available"),
-    (["--prompt", "7", "--steps", "0"], "positive integer"),
+    (["--prompt", "7", "--scheduler", "dpm++"], "unknown solver 'dpm++' (--scheduler); available"),
+    (["--prompt", "7", "--steps", "0"], "--steps) must be an integer from 1 to 1000, got 0"),
     (["--prompt", "7", "--scheduler", "heun", "--steps", "5"], "cannot make exactly 5"),
-    (["--prompt", "7", "--model", "schnell"], "huggingface-cli download black-forest-labs/FLUX.1-schnell"),
+    (["--prompt", "7", "--model", "schnell"], "`hf download black-forest-labs/FLUX.1-schnell`"),
     (["--prompt", "7", "--scheduler-kwargs", "{\"stages\": 3}"], "no option 'stages'"),
     (["--prompt", "7", "--scheduler", "stork-4", "--scheduler-kwargs", "{\"order\": 2}"], "contradicts"),
     (["--prompt", "7", "--scheduler", "euler", "--scheduler-kwargs", "{\"order\": 2}"], "no option 'order'"),
@@ -63,7 +70,7 @@ def test_python_api_embedded_model(tmp_path):
 
     image = fs.load().generate_image(seed=5, prompt="digit 4", config=fs.Config(num_inference_steps=8))
     path = image.save(tmp_path / "four.png")
-    assert Image.open(path).size == image.image.size
+    assert read_image(path).size == image.image.size
 
 
 def test_stork_docs_order_kwarg_picks_the_solver():
@@ -107,7 +114,7 @@ def test_model_path_generates_end_to_end_from_the_cli(tmp_path, tiny_schnell):
                      "--scheduler", "stork-2", "--seed", "42", "--height", "32", "--width", "32", "--output", str(out),
                      "--metadata")
     assert result.returncode == 0, result.stderr
-    image = Image.open(out)
+    image = read_image(out)
     assert image.size == (32, 32) and image.text["model"] == str(tiny_schnell)
     assert image.text["scheduler"] == "stork-2" and json.loads(image.text["steps"]) == 4
     assert json.loads(image.text["guidance"]) == 0.0  # schnell-like (no dynamic shifting): no guidance by default
@@ -118,7 +125,7 @@ def test_model_path_generates_end_to_end_from_the_cli(tmp_path, tiny_schnell):
     result = fewstep("generate", "--model", str(tiny_schnell), "--prompt", "a fox", "--steps", "6", "--image",
                      str(out), "0.5", "--seed", "1", "--height", "32", "--width", "32", "--output", str(again))
     assert result.returncode == 0, result.stderr
-    assert json.loads(Image.open(again).text["image_strength"]) == 0.5
+    assert json.loads(read_image(again).text["image_strength"]) == 0.5
 
 
 def test_model_path_python_api_calls_the_transformer_once_per_step(tmp_path, tiny_schnell):

@@ -1,5 +1,8 @@
+"""`python -m fewstep` = the `fewstep` command."""
+
 import sys
 
 from fewstep.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

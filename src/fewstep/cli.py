@@ -1,11 +1,23 @@
 """The `fewstep` command (also `python -m fewstep`). Each subcommand lives in its own module, which exposes
-`add_arguments(parser)` and `run(args) -> int` and imports heavy packages (torch, diffusers) only inside `run`."""
+`add_arguments(parser)` and `run(args) -> int` and imports heavy packages (torch, diffusers) only inside `run`.
+
+Only the chosen subcommand's module is imported, so `fewstep --help` and `fewstep --version` load no torch.
+
+Exit codes: 0 success; 2 a user error (bad option, input or file: one line on stderr, from argparse or from
+fewstep's own error types in `fewstep.errors`); 130 Ctrl-C; 141 stdout closed early (`fewstep solvers | head -1`).
+Any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import os
 import sys
+
+from fewstep import __version__
+from fewstep.errors import FewstepError
 
 COMMANDS = {
     "generate": ("fewstep.generate", "generate images (default: the embedded digits model, offline)"),
@@ -13,23 +25,70 @@ COMMANDS = {
     "search": ("fewstep.search", "search a NeuralSolver (time grid + coefficients) for a model"),
     "solvers": ("fewstep.solvers.listing", "list the solvers: order, model calls per step, recommended steps"),
 }
+ALL = "*"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fewstep", description="Few-step samplers for diffusion and flow models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named on the command line: the first argument that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = ALL) -> argparse.ArgumentParser:
+    """The parser; the options of `command` only (ALL: every subcommand's, which imports every module)."""
+    parser = argparse.ArgumentParser(prog="fewstep", description="Few-step samplers for diffusion and flow models.",
+                                     epilog="exit codes: 0 ok, 2 bad input (one line on stderr), 130 interrupted")
+    parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help=", ".join(COMMANDS) + " (fewstep COMMAND --help)")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        if command in (ALL, name):
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
-        print(f"fewstep {args.command}: error: {err}", file=sys.stderr)
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _parse_and_run(argv: list[str]) -> int:
+    command = _command_in(argv)
+    if command is not None and command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; commands: {', '.join(COMMANDS)}"
+        print(f"fewstep: error: unknown command {command!r}{hint}", file=sys.stderr)
         return 2
+    try:
+        args = build_parser(command).parse_args(argv)
+    except SystemExit as done:  # --help, --version, or argparse's own one-line usage error
+        sys.stdout.flush()
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
+    try:
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed stdout shows up here, not at interpreter exit
+        return code
+    except FewstepError as err:
+        sys.stdout.flush()
+        print(f"fewstep {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `fewstep ARGV`; returns the exit code (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _parse_and_run(argv)
+    except KeyboardInterrupt:
+        print("\nfewstep: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): say nothing, and point stdout at /dev/null so that the interpreter's
+        # final flush does not print "Exception ignored ... BrokenPipeError".
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a real file (captured in-process)
+            pass
+        return 141

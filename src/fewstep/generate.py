@@ -11,16 +11,29 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import io
 import json
+import math
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fewstep.errors import InputFileError, InvalidInput
+from fewstep.models import EMBEDDED
+from fewstep.solvers.registry import RECOMMENDED
+
 EULER_ALIASES = {"linear": "euler", "flow_match_euler_discrete": "euler", "FlowMatchEulerDiscreteScheduler": "euler"}
-DEFAULT_SCHEDULER = "adams2"
+DEFAULT_SCHEDULER = RECOMMENDED
+MAX_STEPS = 1000  # model calls; more is never few-step sampling and usually a typo
+MAX_SIDE = 4096  # pixels per side, checked before anything is allocated
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range for non-negative seeds
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # output suffix → PIL format
+EMBEDDED_NAMES = ("embedded", *EMBEDDED)  # "embedded" = digits; the others name a module in fewstep.models.EMBEDDED
+DEVICES = ("cpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -38,8 +51,9 @@ ALIASES = {
 }
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """The weights of a named model are neither at the given path nor in the local Hugging Face cache."""
+class ModelNotFoundError(InputFileError, FileNotFoundError):
+    """The weights of a named model are neither at the given path nor in the local Hugging Face cache, or the name
+    is neither an alias, a path nor a Hugging Face id."""
 
 
 @dataclass
@@ -53,34 +67,132 @@ class Config:
     scheduler: str = DEFAULT_SCHEDULER
     scheduler_kwargs: dict = field(default_factory=dict)
     image_path: str | None = None
-    image_strength: float | None = None
+    image_strength: float | None = None  # diffusers' meaning: how much noise (1 = all, the input is ignored)
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_config(config: Config, default_steps: int, default_guidance: float) -> tuple[int, float]:
+    """(steps, guidance) of `config` with the model's defaults filled in; `InvalidInput` naming the field if a value
+    is unusable (0 is refused, never replaced by a default). Checks the img2img file too, without decoding it."""
+    steps = default_steps if config.num_inference_steps is None else config.num_inference_steps
+    if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
+        raise InvalidInput(f"num_inference_steps (--steps) must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+    for name, value in (("height", config.height), ("width", config.width)):
+        if value is not None and (not _is_int(value) or not 1 <= value <= MAX_SIDE):
+            raise InvalidInput(f"{name} (--{name}) must be an integer from 1 to {MAX_SIDE} pixels, got {value!r}")
+    guidance = default_guidance if config.guidance is None else config.guidance
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise InvalidInput(f"guidance (--guidance) must be a finite number, got {guidance!r}")
+    strength = config.image_strength
+    if strength is not None:
+        if config.image_path is None:
+            raise InvalidInput("image_strength (--strength) is given without an input image (--image)")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise InvalidInput(f"image_strength (--strength) must be a number in (0, 1], got {strength!r}")
+    if config.image_path is not None:
+        check_input_file(config.image_path, "--image")
+    return int(steps), float(guidance)
+
+
+def check_input_file(path: str | os.PathLike, flag: str) -> Path:
+    """A path the user named as an input: it must exist and be a regular file (checked before opening, so that a FIFO
+    cannot block the read)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputFileError(f"{flag} {os.fspath(path)}: no such file") from None
+    except (OSError, ValueError) as err:
+        raise InputFileError(f"{flag} {os.fspath(path)}: cannot read it ({getattr(err, 'strerror', None) or err})"
+                             ) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputFileError(f"{flag} {os.fspath(path)} is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputFileError(f"{flag} {os.fspath(path)} is not a regular file (a FIFO, device or socket)")
+    return Path(path)
+
+
+def read_image(path: str | os.PathLike, flag: str = "--image"):
+    """The image at `path`, fully decoded (a PIL image); `InputFileError` naming the file if it is missing, not a
+    regular file, not an image, truncated or too large to decode safely."""
+    from PIL import Image
+
+    check_input_file(path, flag)
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = opened.copy()
+    except Image.DecompressionBombError:
+        raise InputFileError(f"{flag} {os.fspath(path)}: the image is too large to decode safely") from None
+    except (OSError, SyntaxError, ValueError) as err:  # not an image (UnidentifiedImageError), truncated, corrupt
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise InputFileError(f"{flag} {os.fspath(path)}: not a readable image ({reason})") from None
+    return image
 
 
 FAMILIES = {"stork": "stork-{}", "adams": "adams{}"}  # scheduler families whose member is picked by `order`
 
 
 def resolve_scheduler(scheduler: str, kwargs: dict) -> tuple[str, dict]:
-    """(fewstep solver name, its options) from a CLI/`Config` scheduler name and its kwargs; ValueError if unknown.
+    """(fewstep solver name, its options) from a CLI/`Config` scheduler name and its kwargs; InvalidInput if unknown.
     Accepts mflux's Euler aliases and the STORK docs' `{"order": 2}`: `order` picks the member of a family ("stork"
     alone is STORK-4, the official default) and must agree with an explicit one ("stork-2" with order 4 is an error)."""
     from fewstep import solvers
 
+    if not isinstance(scheduler, str):
+        raise InvalidInput(f"scheduler (--scheduler) must be a name, got {scheduler!r}")
+    if not isinstance(kwargs, dict):
+        raise InvalidInput(f"scheduler_kwargs (--scheduler-kwargs) must be a JSON object, got {kwargs!r}")
     name = EULER_ALIASES.get(scheduler, scheduler)
+    known = [*solvers.names(), *EULER_ALIASES, *FAMILIES]
+    if name not in known:
+        raise InvalidInput(f"unknown solver {scheduler!r} (--scheduler); available: {', '.join(solvers.names())}"
+                           f"{_suggest(scheduler, known)}")
     options = dict(kwargs)
     order = options.pop("order", None)
     family = next((f for f in FAMILIES if name == f or (name.startswith(f) and name in solvers.names())), None)
     if order is not None:
         if family is None:
-            raise ValueError(f"scheduler {scheduler!r} has no option 'order' (it picks the member of: "
-                             f"{', '.join(FAMILIES)})")
+            raise InvalidInput(f"scheduler {scheduler!r} has no option 'order' (it picks the member of: "
+                               f"{', '.join(FAMILIES)})")
         member = FAMILIES[family].format(order)
         if name not in (family, member):
-            raise ValueError(f"scheduler {scheduler!r} contradicts scheduler_kwargs order={order!r}")
+            raise InvalidInput(f"scheduler {scheduler!r} contradicts scheduler_kwargs order={order!r}")
         name = member
     elif name == "stork":
         name = "stork-4"
-    solvers.info(name)  # an unknown name (or order) raises, listing the solvers
+    if name not in solvers.names():
+        raise InvalidInput(f"scheduler_kwargs order={order!r} names no {family} solver; available: "
+                           f"{', '.join(n for n in solvers.names() if n.startswith(str(family)))}")
+    accepted = solvers.info(name).options()
+    for key in options:
+        if key not in accepted:
+            raise InvalidInput(f"solver {name!r} has no option {key!r} (--scheduler-kwargs); its options: "
+                               f"{', '.join(accepted) or 'none'}{_suggest(key, accepted)}")
     return name, options
+
+
+def build_solver(name: str, options: dict, steps: int) -> Any:
+    """The solver `name` with `options`, checked to make exactly `steps` model calls: InvalidInput (or the solver
+    file's own InputFileError) before any model is loaded."""
+    from fewstep import solvers
+    from fewstep.errors import FewstepError
+
+    try:
+        solver = solvers.get(name, **options)
+    except FewstepError:
+        raise
+    except (TypeError, ValueError) as err:  # the solver's own check of an option value
+        raise InvalidInput(f"--scheduler-kwargs {json.dumps(options)}: {' '.join(str(err).split())}") from None
+    solvers.intervals_for(solver, steps, name)  # StepCountError (an InvalidInput) if it cannot make exactly `steps`
+    return solver
 
 
 @dataclass
@@ -89,21 +201,44 @@ class GeneratedImage:
     metadata: dict
 
     def save(self, path: str | os.PathLike, export_json_metadata: bool = False) -> Path:
-        """Write a PNG (metadata in its text chunks) atomically; with `export_json_metadata`, also PATH.json."""
-        from PIL.PngImagePlugin import PngInfo
-
-        from fewstep.files import atomic_write
+        """Write the image atomically in the format its suffix names (.png with the metadata in text chunks, .jpg /
+        .jpeg with it as a JPEG comment, .webp); with `export_json_metadata`, also PATH with suffix .json. Both paths
+        are checked before either is written."""
+        from fewstep.files import atomic_write, check_output
 
         path = Path(path)
-        info = PngInfo()
-        for key, value in self.metadata.items():
-            info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-        png = io.BytesIO()
-        self.image.save(png, format="PNG", pnginfo=info)
-        atomic_write(path, png.getvalue())
+        image_format = output_format(path)
+        sidecar = path.with_suffix(".json")
+        check_output(path)
         if export_json_metadata:
-            atomic_write(path.with_suffix(".json"), json.dumps(self.metadata, indent=2, sort_keys=True).encode())
+            check_output(sidecar, "metadata file")
+        text = {key: value if isinstance(value, str) else json.dumps(value) for key, value in self.metadata.items()}
+        buffer = io.BytesIO()
+        if image_format == "PNG":
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            for key, value in text.items():
+                info.add_text(key, value)
+            self.image.save(buffer, format="PNG", pnginfo=info)
+        elif image_format == "JPEG":
+            image = self.image if self.image.mode in ("L", "RGB") else self.image.convert("RGB")
+            image.save(buffer, format="JPEG", quality=95, comment=json.dumps(self.metadata, sort_keys=True).encode())
+        else:
+            self.image.save(buffer, format=image_format, quality=95)
+        atomic_write(path, buffer.getvalue())
+        if export_json_metadata:
+            atomic_write(sidecar, json.dumps(self.metadata, indent=2, sort_keys=True).encode(), "metadata file")
         return path
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """The PIL format an output path's suffix names; InvalidInput for any other suffix (or none)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise InvalidInput(f"--output {os.fspath(path)}: unknown image format {suffix or '(no suffix)'!r}; use "
+                           f"{', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[suffix]
 
 
 def _metadata(model: str, prompt: str, seed: int, config: Config, steps: int, guidance: float) -> dict:
@@ -116,45 +251,63 @@ def _metadata(model: str, prompt: str, seed: int, config: Config, steps: int, gu
 
 
 class EmbeddedModel:
-    """The class-conditional digits flow model that ships inside the package (`fewstep.models.digits`)."""
+    """A class-conditional flow model that ships inside the package: `kind` names its module in
+    `fewstep.models.EMBEDDED` (digits: `fewstep.models.digits`, the default; fashion: `fewstep.models.fashion`)."""
 
     name = "embedded-digits"
     default_steps = 8
     default_guidance = 1.0
+    progress = True  # a progress bar while sampling (`fewstep generate --quiet` turns it off)
 
-    def __init__(self) -> None:
-        from fewstep.models.digits import load_embedded
+    def __init__(self, device: str = "cpu", kind: str = "digits") -> None:
+        from fewstep.models import embedded
 
-        self.net = load_embedded()
+        self.kind, self.module = kind, embedded(kind)
+        self.name = f"embedded-{kind}"
+        self.default_steps = getattr(self.module, "DEFAULT_STEPS", self.default_steps)
+        self.default_guidance = getattr(self.module, "DEFAULT_GUIDANCE", self.default_guidance)
+        self.dim = getattr(self.module, "DIM", 64)
+        self.net = self.module.load_embedded(device)  # noise and solver stay on the CPU: same pixels on every device
 
     def generate_image(self, seed: int, prompt: str, config: Config | None = None) -> GeneratedImage:
-        import numpy as np
         import torch
 
-        from fewstep.models.digits import parse_prompt, to_image
         from fewstep.sampling import sample
 
         config = config or Config()
-        label = parse_prompt(prompt)
-        steps = config.num_inference_steps or self.default_steps
-        guidance = self.default_guidance if config.guidance is None else config.guidance
+        steps, guidance = check_config(config, self.default_steps, self.default_guidance)
+        try:
+            label = self.module.parse_prompt(prompt)
+        except ValueError as err:  # the prompt names no digit, or several
+            raise InvalidInput(str(err)) from None
+        _check_seed(seed)
         solver, options = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
-        noise = torch.randn(1, 64, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(1, self.dim, generator=torch.Generator().manual_seed(seed))
         model = self.net.velocity_fn(torch.tensor([label]), guidance)
-        sigmas = None
-        if config.image_path:
+        begin = 0
+        if config.image_path:  # enter the t2i schedule at diffusers' t_start, as the diffusers adapter does
+            from fewstep.entry import begin_index_for_strength
+            from fewstep.sampling import make_plan
+
             strength = 0.4 if config.image_strength is None else config.image_strength
-            if not 0 < strength <= 1:
-                raise ValueError(f"image strength must be in (0, 1], got {strength}")
-            noise = (1 - strength) * _digit_from_image(config.image_path) + strength * noise
-            sigmas = np.linspace(strength, 0.0, steps + 1)
+            begin = begin_index_for_strength(steps, strength)
+            sigma = float(make_plan(solver, steps, begin_index=begin, **options).sigmas[0])  # or refuse, before a call
+            noise = (1 - sigma) * self._image_to_x(config.image_path) + sigma * noise
         with torch.no_grad():
-            x = sample(model, noise, solver, steps, sigmas=sigmas, progress=True, **options)
-        image = to_image(x[0])
-        if config.width or config.height:
+            x = sample(model, noise, solver, steps, begin_index=begin, progress=self.progress, **options)
+        image = self.module.to_image(x[0])
+        if config.width is not None or config.height is not None:
             size = (config.width or config.height, config.height or config.width)
             image = image.resize(size, resample=0)
         return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance))
+
+
+    def _image_to_x(self, path: str):
+        """An image file as one model state (1, dim), after `read_image` has checked that it is a readable image."""
+        if self.kind == "digits":
+            return _digit_from_image(path)
+        read_image(path)
+        return self.module.image_to_x(path)
 
 
 def _digit_from_image(path: str):
@@ -163,30 +316,33 @@ def _digit_from_image(path: str):
     import torch
     from PIL import Image
 
-    grey = np.asarray(Image.open(path).convert("L").resize((8, 8), Image.BILINEAR), dtype=np.float64) / 255.0
+    grey = np.asarray(read_image(path).convert("L").resize((8, 8), Image.BILINEAR), dtype=np.float64) / 255.0
     return torch.from_numpy((1.0 - grey) * 2.0 - 1.0).reshape(1, 64).float()
 
 
 class DiffusersModel:
     """A diffusers text-to-image pipeline (Flux, Qwen-Image, SD3, ...) with a fewstep scheduler swapped in."""
 
+    progress = True  # diffusers' progress bar (`fewstep generate --quiet` turns it off)
+
     def __init__(self, pipe: Any, name: str, default_steps: int, default_guidance: float):
         self.pipe, self.name = pipe, name
         self.default_steps, self.default_guidance = default_steps, default_guidance
 
     @classmethod
-    def from_pretrained(cls, model: str, alias: Alias | None = None) -> DiffusersModel:
-        """Load from a local path, or a hub id / alias already in the local Hugging Face cache (never downloads)."""
+    def from_pretrained(cls, model: str, alias: Alias | None = None, device: str | None = None) -> DiffusersModel:
+        """Load from a local path, or a hub id / alias already in the local Hugging Face cache (never downloads).
+        `device`: cpu, cuda or mps (default: the best available; bfloat16 on an accelerator, float32 on the CPU)."""
         import torch
         from diffusers import DiffusionPipeline
 
         source = alias.repo if alias else model
-        device, dtype = _device_and_dtype(torch)
+        device, dtype = _device_and_dtype(torch, device)
         try:
-            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=True)
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=True)
         except (OSError, ValueError) as err:
-            hint = (f"download it first: `huggingface-cli download {source}` (accept its licence on the Hub if "
-                    "gated), or pass --model PATH to a local copy") if not Path(source).exists() else str(err)
+            hint = (f"download it first: `hf download {source}` (accept its licence on the Hub if gated), or pass "
+                    "--model PATH to a local copy") if not Path(source).exists() else " ".join(str(err).split())
             raise ModelNotFoundError(f"model {model!r} ({source}) is not available locally; {hint}") from None
         pipe.to(device)
         steps, guidance = (alias.steps, alias.guidance) if alias else _defaults_for(pipe)
@@ -198,16 +354,16 @@ class DiffusersModel:
         from fewstep.diffusers import FewstepScheduler
 
         config = config or Config()
-        steps = config.num_inference_steps or self.default_steps
-        guidance = self.default_guidance if config.guidance is None else config.guidance
+        steps, guidance = check_config(config, self.default_steps, self.default_guidance)
+        _check_seed(seed)
         pipe = self.pipe
         solver, options = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
         pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config, solver=solver, solver_options=options)
         kwargs: dict[str, Any] = {"prompt": prompt, "num_inference_steps": steps,
                                   "generator": torch.Generator("cpu").manual_seed(seed), "output_type": "pil"}
-        if config.height:
+        if config.height is not None:
             kwargs["height"] = config.height
-        if config.width:
+        if config.width is not None:
             kwargs["width"] = config.width
         if type(pipe).__name__.startswith("QwenImage"):
             kwargs["true_cfg_scale"] = guidance
@@ -215,21 +371,44 @@ class DiffusersModel:
             kwargs["guidance_scale"] = guidance
         if config.image_path:
             from diffusers import AutoPipelineForImage2Image
-            from PIL import Image
 
             pipe = AutoPipelineForImage2Image.from_pipe(pipe)
-            kwargs["image"] = Image.open(config.image_path).convert("RGB")
+            kwargs["image"] = read_image(config.image_path).convert("RGB")
             kwargs["strength"] = 0.4 if config.image_strength is None else config.image_strength
+        pipe.set_progress_bar_config(disable=not self.progress)
         image = pipe(**kwargs).images[0]
         return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance))
 
 
-def _device_and_dtype(torch) -> tuple[str, Any]:
-    if torch.cuda.is_available():
-        return "cuda", torch.bfloat16
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps", torch.bfloat16
-    return "cpu", torch.float32
+def _check_seed(seed: Any) -> None:
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise InvalidInput(f"seed (--seed) must be an integer from 0 to 2**64-1, got {seed!r}")
+
+
+def _available(torch, device: str) -> bool:
+    if device == "cuda":
+        return bool(torch.cuda.is_available())
+    if device == "mps":
+        return getattr(torch.backends, "mps", None) is not None and bool(torch.backends.mps.is_available())
+    return device == "cpu"
+
+
+def pick_device(device: str | None = None) -> str:
+    """`device` if torch can use it (InvalidInput naming --device otherwise); None: cuda, then mps, then cpu."""
+    import torch
+
+    if device is None:
+        return next(d for d in ("cuda", "mps", "cpu") if _available(torch, d))
+    if device not in DEVICES:
+        raise InvalidInput(f"--device {device!r}: use one of {', '.join(DEVICES)}{_suggest(device, DEVICES)}")
+    if not _available(torch, device):
+        raise InvalidInput(f"--device {device}: this torch build or machine has no {device} device")
+    return device
+
+
+def _device_and_dtype(torch, device: str | None = None) -> tuple[str, Any]:
+    device = pick_device(device)
+    return device, (torch.float32 if device == "cpu" else torch.bfloat16)
 
 
 def _defaults_for(pipe: Any) -> tuple[int, float]:
@@ -242,18 +421,40 @@ def _defaults_for(pipe: Any) -> tuple[int, float]:
     return 28, 3.5
 
 
-def load(model: str | None = None) -> EmbeddedModel | DiffusersModel:
-    """The embedded digits model (no argument), an alias (schnell, dev, qwen, sd3), a hub id or a local path."""
-    if model is None or model in ("embedded", "digits"):
-        return EmbeddedModel()
-    return DiffusersModel.from_pretrained(model, ALIASES.get(model))
+def check_model_name(model: str | None) -> None:
+    """ModelNotFoundError, with a suggestion, for a name that is neither an embedded model, an alias, an existing
+    path nor shaped like a Hugging Face id (owner/name): `schnel` → did you mean 'schnell'?"""
+    if model is None or model in EMBEDDED_NAMES or model in ALIASES:
+        return
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidInput(f"--model must be a name or path, got {model!r}")
+    if os.path.lexists(model):
+        return
+    if model.startswith((".", "~", os.sep, "/")) or model.count("/") > 1 or os.sep in model:
+        raise ModelNotFoundError(f"--model {model}: no such directory (a local model is a folder saved by diffusers' "
+                                 "save_pretrained or downloaded with `hf download`)")
+    if "/" in model:  # owner/name: a Hugging Face id, looked up in the local cache when loading
+        return
+    raise ModelNotFoundError(f"unknown model {model!r} (--model): not an alias ({', '.join(ALIASES)}), "
+                             f"an embedded model ({', '.join(EMBEDDED_NAMES)}), a Hugging Face id (owner/name) or "
+                             f"an existing path{_suggest(model, [*ALIASES, *EMBEDDED_NAMES])}")
+
+
+def load(model: str | None = None, device: str | None = None) -> EmbeddedModel | DiffusersModel:
+    """The embedded digits model (no argument), an alias (schnell, dev, qwen, sd3), a hub id or a local path, on
+    `device` (cpu, cuda, mps; default: the CPU for the embedded model, the best available for a pipeline)."""
+    check_model_name(model)
+    if model is None or model in EMBEDDED_NAMES:
+        kind = "digits" if model in (None, "embedded") else model
+        return EmbeddedModel(pick_device(device) if device is not None else "cpu", kind)
+    return DiffusersModel.from_pretrained(model, ALIASES.get(model), device)
 
 
 class Flux1:
     @staticmethod
     def from_alias(alias: str, path: str | None = None) -> DiffusersModel:
         if alias not in ("schnell", "dev"):
-            raise ValueError(f"Flux1 aliases are 'schnell' and 'dev', got {alias!r}")
+            raise InvalidInput(f"Flux1 aliases are 'schnell' and 'dev', got {alias!r}{_suggest(str(alias), ALIASES)}")
         return DiffusersModel.from_pretrained(path or alias, None if path else ALIASES[alias])
 
 
@@ -263,52 +464,178 @@ class QwenImage:
         return DiffusersModel.from_pretrained(path or "qwen", None if path else ALIASES["qwen"])
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg} at character {err.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, e.g. '{{\"stages\": 9}}', got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Generate images. img2img strength comes in two directions: --image PATH [STRENGTH] / --strength S use "
+        "diffusers' meaning (how much noise is added: higher = further from the input, more model calls: the run "
+        "starts at step int(steps − steps·S)); --image-path / --image-strength S use mflux's (higher = closer to "
+        "the input, fewer model calls: the run starts at step max(1, int(steps·S))). Use one pair, not both.")
     parser.add_argument("--model", "-m", default=None,
-                        help="alias (schnell, dev, qwen, sd3), Hugging Face id or local path; default: the embedded "
-                             "digits model")
+                        help=f"alias ({', '.join(ALIASES)}), embedded model ({', '.join(EMBEDDED)}), Hugging Face id "
+                             "(owner/name, from the local cache: `hf download ID` first) or local path; default: the "
+                             "embedded digits model")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--steps", type=int, default=None, help="model calls (default per model: embedded 8, "
-                        "schnell 4, dev 25, qwen 20, sd3 28)")
-    parser.add_argument("--seed", type=int, nargs="+", default=[42], help="one image per seed")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--steps", type=int, default=None, help=f"model calls, 1-{MAX_STEPS} (default per model: "
+                        "embedded 8, schnell 4, dev 25, qwen 20, sd3 28)")
+    parser.add_argument("--seed", type=int, nargs="+", default=[42], help="one image per seed, 0 to 2**64-1 "
+                        "(default 42)")
+    parser.add_argument("--height", type=int, default=None, help=f"pixels, 1-{MAX_SIDE}")
+    parser.add_argument("--width", type=int, default=None, help=f"pixels, 1-{MAX_SIDE}")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default per model)")
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER,
                         help="a fewstep solver (see `fewstep solvers`); linear / flow_match_euler_discrete = euler")
-    parser.add_argument("--scheduler-kwargs", type=json.loads, default={},
-                        help='JSON solver options, e.g. \'{"order": 2}\' or \'{"stages": 9}\'')
+    parser.add_argument("--scheduler-kwargs", type=_json_object, default={},
+                        help='JSON solver options, e.g. \'{"order": 2}\', \'{"stages": 9}\' or '
+                             '\'{"solver_file": "my.json"}\' (neuralsolver)')
     parser.add_argument("--image", nargs="+", metavar=("PATH", "STRENGTH"), default=None,
-                        help="img2img: start from PATH, noised to STRENGTH (default 0.4)")
-    parser.add_argument("--output", default="image.png", help="PNG path; {seed} is replaced by the seed")
-    parser.add_argument("--metadata", action="store_true", help="also write a JSON sidecar")
+                        help="img2img from PATH; STRENGTH in (0, 1] with diffusers' meaning (default 0.4)")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="img2img strength with diffusers' meaning (same as --image's STRENGTH)")
+    parser.add_argument("--image-path", default=None, metavar="PATH", help="img2img from PATH (mflux's flag)")
+    parser.add_argument("--image-strength", type=float, default=None, metavar="S",
+                        help="img2img strength with mflux's meaning: higher = closer to the input (default 0.4)")
+    parser.add_argument("--output", "-o", default="image.png",
+                        help="image path; {seed} is replaced by the seed; the suffix picks the format (.png, .jpg, "
+                             ".jpeg, .webp); an existing directory or a path ending in / means DIR/image_{seed}.png")
+    parser.add_argument("--metadata", action="store_true", help="also write the settings to OUTPUT with suffix .json")
+    parser.add_argument("--device", default=None, choices=DEVICES,
+                        help="default: the best available for a pipeline (cuda, mps, cpu), cpu for the embedded model")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars, notes or 'wrote' lines")
+
+
+def mflux_strength(strength: float, steps: int) -> float:
+    """mflux's `image_strength` (higher = closer to the input) as diffusers' `strength` for `steps` steps: mflux
+    starts at step k = max(1, int(steps·clamp(S, 0, 1))) and runs steps − k of them; the returned d = (steps − k)/steps
+    (moved by a few ulps where rounding needs it) makes diffusers' get_timesteps start at the same step k."""
+    from fewstep.entry import begin_index_for_strength
+
+    if not math.isfinite(strength):
+        raise InvalidInput(f"--image-strength must be a finite number, got {strength}")
+    skipped = max(1, int(steps * min(max(strength, 0.0), 1.0)))
+    remaining = steps - skipped
+    if remaining < 1:
+        raise InvalidInput(f"--image-strength {strength:g} with {steps} steps leaves no step to run (mflux starts at "
+                           f"step max(1, int(steps·strength)) = {skipped}); lower it or raise --steps")
+    d = remaining / steps
+    while begin_index_for_strength(steps, d) < skipped:
+        d = math.nextafter(d, 0.0)
+    while begin_index_for_strength(steps, d) > skipped:
+        d = math.nextafter(d, 2.0)
+    return d
+
+
+def _image_arguments(args: argparse.Namespace) -> tuple[str | None, float | None, float | None]:
+    """(path, diffusers strength, mflux strength) from the two img2img flag pairs; a mix is refused."""
+    diffusers_style = args.image is not None or args.strength is not None
+    mflux_style = args.image_path is not None or args.image_strength is not None
+    if diffusers_style and mflux_style:
+        raise InvalidInput("use either --image PATH [STRENGTH] / --strength (diffusers' strength: higher = more "
+                           "change) or --image-path / --image-strength (mflux's: higher = closer to the input), "
+                           "not both")
+    if mflux_style:
+        if args.image_path is None:
+            raise InvalidInput("--image-strength needs --image-path")
+        return args.image_path, None, 0.4 if args.image_strength is None else args.image_strength
+    if args.image is None:
+        if args.strength is not None:
+            raise InvalidInput("--strength needs --image PATH")
+        return None, None, None
+    if len(args.image) > 2:
+        raise InvalidInput(f"--image takes PATH and optionally STRENGTH, got {len(args.image)} values: "
+                           f"{' '.join(args.image)}")
+    strength = args.strength
+    if len(args.image) == 2:
+        if strength is not None:
+            raise InvalidInput("give the strength once: --image PATH STRENGTH or --strength, not both")
+        try:
+            strength = float(args.image[1])
+        except ValueError:
+            raise InvalidInput(f"--image STRENGTH must be a number in (0, 1], got {args.image[1]!r}") from None
+    if strength is not None and not 0 < strength <= 1:  # also refuses nan
+        raise InvalidInput(f"--strength must be a number in (0, 1] (diffusers' meaning), got {strength}")
+    return args.image[0], strength, None
+
+
+def output_paths(template: str, seeds: list[int]) -> list[Path]:
+    """One output path per seed: {seed} replaced; several seeds without {seed} get _SEED before the suffix; an
+    existing directory or a path ending in a separator means DIR/image_{seed}.png."""
+    if not template:
+        raise InvalidInput("--output is empty")
+    if template.endswith(("/", os.sep)) or os.path.isdir(template):
+        template = os.path.join(template, "image_{seed}.png")
+    paths = []
+    for seed in seeds:
+        path = Path(template.replace("{seed}", str(seed)))
+        if len(seeds) > 1 and "{seed}" not in template:
+            path = path.with_name(f"{path.stem}_{seed}{path.suffix}")
+        paths.append(path)
+    return paths
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
-    if not isinstance(args.scheduler_kwargs, dict):
-        raise ValueError("--scheduler-kwargs must be a JSON object, e.g. '{\"stages\": 9}'")
-    solver, _ = resolve_scheduler(args.scheduler, args.scheduler_kwargs)  # fail before loading a model
-    image_path, strength = None, None
-    if args.image:
-        image_path = args.image[0]
-        strength = float(args.image[1]) if len(args.image) > 1 else None
-        if not Path(image_path).exists():
-            raise FileNotFoundError(f"--image: no such file {image_path}")
-    model = load(args.model)
-    if args.model == "dev" and args.steps is None and solver != "euler":
+    from fewstep.files import check_output
+
+    # Everything that needs no model is checked first, and nothing is written until every check has passed.
+    image_path, strength, mflux = _image_arguments(args)
+    for seed in args.seed:
+        _check_seed(seed)
+    check_model_name(args.model)
+    solver, options = resolve_scheduler(args.scheduler, args.scheduler_kwargs)
+    outputs = output_paths(args.output, args.seed)
+    for path in outputs:
+        output_format(path)
+        check_output(path, "--output")
+        if args.metadata:
+            check_output(path.with_suffix(".json"), "metadata file (--metadata)")
+    if image_path is not None:
+        read_image(image_path, "--image-path" if mflux is not None else "--image")
+
+    def checked(default_steps: int, default_guidance: float) -> Config:
+        steps = default_steps if args.steps is None else args.steps
+        config = Config(args.steps, args.height, args.width, args.guidance, args.scheduler, args.scheduler_kwargs,
+                        image_path, strength)
+        if mflux is not None and _is_int(steps) and 1 <= steps <= MAX_STEPS:
+            config.image_strength = mflux_strength(mflux, steps)
+        steps, _ = check_config(config, default_steps, default_guidance)
+        build_solver(solver, options, steps)
+        if image_path is not None:  # a solver that cannot enter the schedule mid-way is refused before loading
+            from fewstep.entry import begin_index_for_strength
+            from fewstep.sampling import make_plan
+
+            strength_used = 0.4 if config.image_strength is None else config.image_strength
+            make_plan(solver, steps, begin_index=begin_index_for_strength(steps, strength_used), **options)
+        return config
+
+    embedded = args.model is None or args.model in EMBEDDED_NAMES
+    if args.model in ALIASES:
+        checked(ALIASES[args.model].steps, ALIASES[args.model].guidance)  # before the (slow) model load
+    if embedded:
+        import torch
+
+        # The digits MLP is tiny: more intra-op threads only add overhead (~70 ms a call instead of 1-14 ms on a
+        # many-core machine); the fashion U-Net gains from a few.
+        small = args.model in (None, "embedded", "digits")
+        torch.set_num_threads(1 if small else max(1, min(4, os.cpu_count() or 1)))
+    model = load(args.model, args.device)
+    model.progress = not args.quiet
+    config = checked(model.default_steps, model.default_guidance)
+    if args.model == "dev" and args.steps is None and solver != "euler" and not args.quiet:
         print(f"fewstep generate: note: dev defaults to {ALIASES['dev'].steps} steps (its Euler setting); with {solver}"
               " 10-15 usually suffice (--steps)", file=sys.stderr)
-    config = Config(args.steps, args.height, args.width, args.guidance, args.scheduler, args.scheduler_kwargs,
-                    image_path, strength)
-    for seed in args.seed:
-        output = args.output.replace("{seed}", str(seed))
-        if len(args.seed) > 1 and "{seed}" not in args.output:
-            stem = Path(output)
-            output = str(stem.with_name(f"{stem.stem}_{seed}{stem.suffix}"))
+    for seed, output in zip(args.seed, outputs, strict=True):
         path = model.generate_image(seed, args.prompt, config).save(output, export_json_metadata=args.metadata)
-        print(f"wrote {path}")
+        if not args.quiet:
+            print(f"wrote {path}")
     return 0
 
 

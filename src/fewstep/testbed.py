@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from fewstep.errors import InvalidInput
 from fewstep.schedules import VPSchedule
 
 PRESETS = ("gmm2d", "gmm8d", "gmm-stiff")
@@ -95,7 +96,7 @@ def preset(name: str) -> GaussianMixture:
     if name == "gmm-stiff":
         means = 8.5 * np.concatenate([np.eye(4), -np.eye(4)])
         return GaussianMixture(np.ones(8), means, np.full(8, 0.01), name)
-    raise ValueError(f"unknown problem {name!r}; available: {', '.join(PRESETS)}")
+    raise InvalidInput(f"unknown problem {name!r}; available: {', '.join(PRESETS)}")
 
 
 class ReferenceSolution(NamedTuple):

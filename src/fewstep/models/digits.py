@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fewstep.errors import InvalidInput
+
 DIM = 64
 NULL_CLASS = 10
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -152,7 +154,7 @@ def parse_prompt(text: str) -> int:
     found |= {WORDS.index(w) for w in re.findall(r"[a-z]+", text.lower()) if w in WORDS}
     if len(found) != 1:
         why = "names no digit" if not found else f"names several digits {sorted(found)}"
-        raise ValueError(f"the embedded digits model cannot draw {text!r}: it {why}; it understands one digit 0-9 "
+        raise InvalidInput(f"the embedded digits model cannot draw {text!r}: it {why}; it understands one digit 0-9 "
                          "or its English name, e.g. '7' or 'a handwritten seven'")
     return found.pop()
 
