@@ -1,4 +1,4 @@
-"""Tiny random-weight diffusers pipelines, built fully offline (DIFFUSERS.md §10): real pipeline classes, CPU, seconds.
+"""Tiny random-weight diffusers pipelines built offline (docs/diffusers.md §Pipelines): real classes, CPU, seconds.
 
 Tokenizers are built in memory; every module is created after `torch.manual_seed(0)`, so a builder always returns
 the same weights. `call_kwargs(name)` gives arguments that work for each pipeline.
@@ -225,7 +225,7 @@ def _mask() -> torch.Tensor:
 
 
 def call_kwargs(name: str, steps: int = 4) -> dict:
-    """Arguments that work for pipeline `name` (DIFFUSERS.md §10.3), with a fixed generator."""
+    """Arguments that work for pipeline `name`, with a fixed generator."""
     common = dict(prompt=PROMPT, num_inference_steps=steps, height=32, width=32, output_type="pt",
                   generator=torch.Generator("cpu").manual_seed(0))
     flux_args = dict(guidance_scale=0.0, max_sequence_length=48)

@@ -1,4 +1,4 @@
-"""The diffusers scheduler contract (DIFFUSERS.md §1-§9) for every registered solver, flow and ε-prediction."""
+"""The diffusers scheduler contract (docs/diffusers.md) for every registered solver, flow and ε-prediction."""
 
 import copy
 import inspect
@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E4
 
 import fewstep  # noqa: E402
 from fewstep.diffusers import AdamsScheduler, FewstepScheduler, NeuralSolverScheduler, StorkScheduler  # noqa: E402
+from fewstep.errors import InvalidInput  # noqa: E402
 
 torch.set_num_threads(1)
 FLUX_DEV = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -44,7 +45,7 @@ def constant(c):
     return lambda x, t: c
 
 
-# --- §9.1-§9.8: grid, indices, loop -------------------------------------------------------------------------------
+# --- grid, indices, loop (docs/diffusers.md: set_timesteps, step) -----------------------------------------------------
 
 def test_set_timesteps_signature_has_the_named_parameters():
     params = inspect.signature(FewstepScheduler.set_timesteps).parameters
@@ -80,7 +81,7 @@ def test_set_timesteps_resets_indices_and_history():
     assert s.step_index == STEPS and s.begin_index == 0
     s.set_timesteps(STEPS)
     assert s.step_index is None and s.begin_index is None
-    assert torch.equal(run(s, lambda x, t: torch.sin(x) * t / 1000, x), first)  # §9.8: same output again
+    assert torch.equal(run(s, lambda x, t: torch.sin(x) * t / 1000, x), first)  # history reset: same output again
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -134,7 +135,7 @@ def test_constant_velocity_is_integrated_exactly_in_any_rank(solver, shape):
     torch.testing.assert_close(run(s, constant(c), x), x - float(s.sigmas[0]) * c, atol=2e-4, rtol=0)
 
 
-M, C = 0.3, 0.5  # data ~ N(M, C²): the flow map is exact (DIFFUSERS.md §9.9)
+M, C = 0.3, 0.5  # data ~ N(M, C²): the flow map is exact (docs/testbed.md §Exact velocity)
 
 
 def gaussian_velocity(x, t):
@@ -157,7 +158,7 @@ def test_error_decreases_with_steps_on_an_exact_flow(solver):
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_adapter_equals_fewstep_sample(solver):
-    """§3: the SD3 path (no sigmas) and the Flux path (sigmas + mu) run the plan `fewstep.sample` runs."""
+    """set_timesteps: the SD3 path (no sigmas) and the Flux path (sigmas + mu) run the plan `fewstep.sample` runs."""
     x = torch.randn(1, 32, 8, generator=torch.Generator().manual_seed(0))
 
     def model(x, sigma):
@@ -194,7 +195,7 @@ def test_euler_matches_flowmatch_euler():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-# --- §9.10-§9.12, §5: mid-schedule entry --------------------------------------------------------------------------
+# --- mid-schedule entry (docs/diffusers.md: Mid-schedule entry) -------------------------------------------------------
 
 @pytest.mark.parametrize("solver", GRID_SOLVERS)
 def test_set_begin_index_runs_the_rest_exactly(solver):
@@ -254,6 +255,64 @@ def test_solvers_that_cannot_restart_mid_schedule_say_so_at_set_begin_index(opti
         s.step(x, s.timesteps[3], x)
 
 
+def wan_t_start(n, strength):
+    """WanVideoToVideo / AnimateDiff get_timesteps (integer init_timestep; no set_begin_index follows)."""
+    return n - min(int(n * strength), n)
+
+
+def img2img_loop(s, clean, noise, mask, velocity, t_start, begin_index):
+    """A fake img2img/inpaint pipeline: slice `timesteps[t_start * order:]`, maybe set_begin_index, noise the input with
+    scale_noise, then after every step re-noise the known region (mask 0) to the next timestep, as FluxInpaint does."""
+    timesteps = s.timesteps[t_start * s.order:]
+    if begin_index:
+        s.set_begin_index(t_start * s.order)
+    x = s.scale_noise(clean, timesteps[:1], noise)
+    calls = 0
+    for i, t in enumerate(timesteps):
+        calls += 1
+        x = s.step(velocity(x, t), t, x, return_dict=False)[0]
+        if i + 1 < len(timesteps):
+            x = mask * x + (1 - mask) * s.scale_noise(clean, timesteps[i + 1:i + 2], noise)
+    return x, calls
+
+
+@pytest.mark.parametrize("solver", GRID_SOLVERS)
+def test_img2img_without_begin_index_equals_with_it(solver):
+    """WanVideoToVideo and older pipelines slice timesteps and never call set_begin_index. With Heun's repeated values
+    (stage at σ_k, then node k) an odd t_start enters at the first occurrence: the lookup takes the second (as
+    FlowMatchHeun) and the pipeline's extra call there re-synchronises, so every strength gives exactly the run
+    set_begin_index gives (before: "step called 11 times" at strength 0.3)."""
+    n = 10
+    clean = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(16) < 8).float().reshape(1, 16, 1)
+    for strength in (0.3, 0.4, 0.5, 0.75, 0.95, 1.0):
+        for t_start in {wan_t_start(n, strength), int(max(n - n * strength, 0))}:
+            outs = []
+            for begin_index in (False, True):
+                s = FewstepScheduler(solver=solver, shift=3.0)
+                s.set_timesteps(n)
+                x, calls = img2img_loop(s, clean, noise, mask, lambda x, t: torch.sin(3 * x) * t / 1000 + 0.1,
+                                        t_start, begin_index)
+                assert calls == n - t_start and s.step_index == n
+                outs.append(x)
+            assert torch.equal(*outs), (strength, t_start)
+
+
+def test_heun_img2img_without_begin_index_is_heun_from_the_entry_node():
+    """Strength 0.3 of 10 calls (t_start 7: Heun's stage at σ_4) on an exact Gaussian flow: the same as Heun run on
+    the nodes from σ_4, made with one extra (re-synchronising) call."""
+    s = FewstepScheduler(solver="heun")
+    s.set_timesteps(10)
+    z = torch.randn(1, 64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = s.sigmas[7].double() * z  # any start state at σ_4
+    out = run(s, gaussian_velocity, x, s.timesteps[7:])
+    assert s.step_index == 10
+    ref = FewstepScheduler(solver="heun")
+    ref.set_timesteps(timesteps=s.timesteps[8::2].double().numpy())
+    torch.testing.assert_close(out, run(ref, gaussian_velocity, x), atol=1e-12, rtol=0)
+
+
 def test_scale_noise_uses_begin_index_then_step_index_then_lookup():
     s = FewstepScheduler(solver="adams2", **FLUX_DEV)
     s.set_timesteps(sigmas=np.linspace(1, 1 / 8, 8), mu=1.0)
@@ -279,7 +338,7 @@ def test_flow_add_noise_is_the_flow_forward_process_per_sample():
     torch.testing.assert_close(s.add_noise(x0, n, t), sigma * n + (1 - sigma) * x0)
 
 
-# --- §9.13-§9.16: config, serialisation, public API, copies -------------------------------------------------------
+# --- config, serialisation, public API, copies (docs/diffusers.md: Config, Save and load) -----------------------------
 
 def test_from_config_keeps_flux_dev_keys():
     s = FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler(**FLUX_DEV).config, solver="stork-4")
@@ -320,6 +379,78 @@ def test_save_pretrained_round_trip_reproduces_the_loop(solver, tmp_path):
         sched.set_timesteps(sigmas=np.linspace(1, 1 / STEPS, STEPS), mu=1.0)
         outs.append(run(sched, lambda x, t: torch.cos(x) * t / 1000, x))
     assert torch.equal(*outs)
+
+
+FLOW_KEYS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+             "max_image_seq_len", "shift_terminal", "time_shift_type")
+
+
+def via(name):
+    """Build diffusers' scheduler `name` from a config, in flow mode (UniPC / DPM-Solver need use_flow_sigmas; the
+    prediction type and the shift come from the config itself)."""
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    flow = {} if name.startswith("FlowMatch") else {"use_flow_sigmas": True}
+    return lambda config: cls.from_config(config, **flow)
+
+
+CHAINS = [["FlowMatchEulerDiscreteScheduler"], ["FlowMatchHeunDiscreteScheduler"], ["UniPCMultistepScheduler"],
+          ["DPMSolverMultistepScheduler"],
+          ["UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler"],
+          ["FlowMatchHeunDiscreteScheduler", "UniPCMultistepScheduler", "StorkScheduler",
+           "FlowMatchEulerDiscreteScheduler"]]
+
+
+@pytest.mark.parametrize("chain", CHAINS, ids=lambda c: "-".join(n.replace("Scheduler", "") for n in c))
+@pytest.mark.parametrize("name,mu", [("sd3", None), ("flux_dev", 1.15), ("qwen_image", 0.7), ("flux_schnell", None)])
+def test_from_config_round_trips_through_diffusers_flow_schedulers(name, mu, chain):
+    """StorkScheduler from a checkpoint config, then from_config through diffusers' flow schedulers and back: still
+    flow matching with the same shift, dynamic shifting, base/max shift, terminal shift and STORK options, so the
+    same grid. (Before: back from UniPC / DPM-Solver it was an ε scheduler.)"""
+    cfg = real_config(name)
+    first = StorkScheduler.from_config(cfg, order=2, stages=9)
+    config = first.config
+    for hop in chain:
+        config = (StorkScheduler.from_config if hop == "StorkScheduler" else via(hop))(config).config
+        if hop.startswith(("UniPC", "DPM")):  # a working flow scheduler there, with our shift
+            assert config.prediction_type == "flow_prediction" and config.flow_shift == first.config.shift
+    back = StorkScheduler.from_config(config)
+    for key in FLOW_KEYS + ("prediction_type", "order", "stages"):
+        assert back.config[key] == first.config[key], key
+    assert back.config.prediction_type == "flow_prediction"
+    for s in (first, back):
+        s.set_timesteps(sigmas=np.linspace(1, 1 / 8, 8), mu=mu) if mu is not None else s.set_timesteps(8)
+    assert torch.equal(back.sigmas, first.sigmas) and torch.equal(back.timesteps, first.timesteps)
+
+
+def test_from_config_takes_a_flow_unipc_shift_and_an_epsilon_unipc_as_epsilon():
+    from diffusers import UniPCMultistepScheduler
+
+    flow = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    s = FewstepScheduler.from_config(flow.config, solver="euler")
+    assert s.config.prediction_type == "flow_prediction" and s.shift == 5.0
+    s.set_timesteps(4)
+    ref = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    ref.set_timesteps(4)
+    torch.testing.assert_close(s.sigmas, ref.sigmas, atol=1e-6, rtol=0)
+    eps = FewstepScheduler.from_config(UniPCMultistepScheduler(beta_schedule="scaled_linear").config)
+    assert eps.config.prediction_type == "epsilon" and eps.config.beta_schedule == "scaled_linear"
+    assert eps.config.timestep_spacing == "linspace"  # UniPC's default spacing is what that scheduler used
+
+
+def test_from_config_accepts_a_frozen_dict_a_saved_folder_and_a_json_file(tmp_path):
+    source = FlowMatchEulerDiscreteScheduler(**FLUX_DEV, shift_terminal=0.05)
+    source.save_pretrained(tmp_path / "scheduler")
+    made = [StorkScheduler.from_config(source.config, order=2),  # a FrozenDict
+            StorkScheduler.from_config(dict(source.config), order=2),
+            StorkScheduler.from_config(tmp_path / "scheduler", order=2),
+            StorkScheduler.from_config(str(tmp_path), subfolder="scheduler", order=2),
+            StorkScheduler.from_config(str(tmp_path / "scheduler" / "scheduler_config.json"), order=2)]
+    for s in made:
+        assert s.config.shift_terminal == 0.05 and s.config.order == 2 and s.config.use_dynamic_shifting
+    again = FlowMatchEulerDiscreteScheduler.from_config(made[2].config)
+    assert again.config.shift_terminal == 0.05 and again.config.shift == 3.0
 
 
 def test_public_api_init_noise_sigma_scale_model_input_len_and_shift():
@@ -514,6 +645,37 @@ def test_bad_set_timesteps_is_a_clear_value_error(solver, kwargs, call, message)
         s.set_timesteps(**call)
 
 
+@pytest.mark.parametrize("n", [10, 100, 500])
+def test_searched_epsilon_grid_above_a_small_training_schedule_names_num_train_timesteps(n):
+    """The dit table starts at VP t = 0.999 of the DiT schedule (s = 0.9934): with fewer training timesteps the top
+    noise level is lower, so its calls cannot be placed. Before: "cannot start at timestep index 1" from a clamped,
+    repeated timestep."""
+    s = NeuralSolverScheduler(solver_file="dit", prediction_type="epsilon", num_train_timesteps=n)
+    with pytest.raises(InvalidInput, match=f"num_train_timesteps={n} and beta_end=0.02.*must be the model's own"):
+        s.set_timesteps(6)
+    s = NeuralSolverScheduler(solver_file="dit", prediction_type="epsilon")  # 1000: fits
+    s.set_timesteps(6)
+    assert len(set(s.timesteps.tolist())) == 6
+
+
+def test_epsilon_timesteps_outside_the_training_range_are_refused():
+    s = FewstepScheduler(solver="euler", prediction_type="epsilon", num_train_timesteps=100)
+    with pytest.raises(InvalidInput, match=r"timesteps must lie in \[0, 99\] \(num_train_timesteps=100\)"):
+        s.set_timesteps(timesteps=[150.0, 50.0])
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_epsilon_noise_levels_are_ddims_for_every_beta_schedule(beta_schedule):
+    ref = DDIMScheduler(beta_schedule=beta_schedule, timestep_spacing="trailing")
+    s = FewstepScheduler.from_config(ref.config, solver="euler")
+    x0, n = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([999, 500, 3])
+    torch.testing.assert_close(s.add_noise(x0, n, t), ref.add_noise(x0, n, t), atol=1e-6, rtol=1e-6)
+    for sched in (s, ref):
+        sched.set_timesteps(7)
+    assert torch.equal(s.timesteps, ref.timesteps.float())
+
+
 def test_stepping_wrongly_is_a_clear_value_error():
     s = FewstepScheduler()
     x = torch.zeros(1, 4)
@@ -551,7 +713,7 @@ def test_named_schedulers_take_the_stork_docs_kwargs_and_round_trip(tmp_path):
 
 def test_named_schedulers_expose_every_schedule_key_and_do_epsilon():
     keys = set(inspect.signature(FewstepScheduler.__init__).parameters) - {"self", "solver", "solver_options"}
-    for cls, own in ((StorkScheduler, {"order", "stages", "derivative_order", "compat", "extrapolate"}),
+    for cls, own in ((StorkScheduler, {"order", "stages", "derivative_order", "compat", "extrapolate", "jump"}),
                      (AdamsScheduler, {"order", "startup"}), (NeuralSolverScheduler, {"solver_file"})):
         params = set(inspect.signature(cls.__init__).parameters) - {"self"}
         assert params == own | keys and "kwargs" not in params

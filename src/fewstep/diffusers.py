@@ -1,16 +1,26 @@
-"""diffusers scheduler adapter: any registered fewstep solver as a drop-in scheduler (DIFFUSERS.md §1-§7).
+"""diffusers scheduler adapter: any registered fewstep solver as a drop-in scheduler (contract: docs/diffusers.md).
 
 One `step()` = one model call and `len(timesteps)` = NFE, for every solver and both model kinds:
 
 * `prediction_type="flow_prediction"` (Flux, SD3, Qwen-Image): the model returns v = dx/dσ and the solver's plan
   runs on (x, v) as it is.
-* `prediction_type="epsilon"` (PixArt-Σ, SD): the VP training schedule comes from the config's betas, exactly as
-  DDIMScheduler builds it, and the solver runs in the flow coordinates of DIFFUSERS.md §6,
-  s = σ/(α+σ), x̃ = x/(α+σ) = x·k(s) with k(s) = √((1−s)² + s²), where dx̃/ds = (ε − x̃)/(1−s). Both changes of
-  variables are per-call scalars, so each flow row becomes a row on (x, ε) once, in float64, at `set_timesteps`
-  (`_epsilon_plan`); `step()` is then the same single linear combination in both modes. Euler there is DDIM(η=0).
-  Timesteps are VP indices (floats between training timesteps for a searched grid). A call below the lowest
-  training noise (Heun's last stage, at σ = 0) is made at timestep 0.
+* `prediction_type="epsilon"` (PixArt-Σ, SD): the VP training schedule (ᾱ and the timestep spacing) is diffusers'
+  own DDIMScheduler built from the config's keys, and the solver runs in flow coordinates s = σ/(α+σ),
+  x̃ = x/(α+σ); the flow plan is rewritten on (x, ε) once, in float64, at `set_timesteps`
+  (`fewstep.entry.epsilon_plan`), so `step()` is the same single linear combination in both modes. Euler there is
+  DDIM(η=0). Timesteps are VP indices (floats between training timesteps for a searched grid). A call below the
+  lowest training noise (Heun's last stage, at σ = 0) is made at timestep 0.
+
+Mid-schedule entry (img2img, inpaint, `set_begin_index`, or a first `step()` at a later timestep) is
+`fewstep.entry.enter`, the same as `fewstep.sample(..., begin_index=k)` and `fewstep generate --image`.
+
+from_config: users switch schedulers back and forth (`Ours.from_config(FlowMatchEuler.from_config(ours.config))`).
+What the *source* scheduler did is kept: a FlowMatch* class is flow matching; UniPC / DPM-Solver / DEIS with
+`use_flow_sigmas` or `prediction_type="flow_prediction"` are flow matching with shift = their `flow_shift`; DDIM-like
+classes are ε with their betas and spacing, defaults included. Our own config records every schedule key explicitly
+(none in `_use_default_values`) and mirrors `shift` as `flow_shift`, so that diffusers' flow schedulers built from it
+(UniPC/DPM-Solver with `use_flow_sigmas=True`) get the same shift and flow prediction, and the keys they do not know
+travel along as hidden config. A config dict, a FrozenDict or a saved config folder / JSON path is accepted.
 """
 from __future__ import annotations
 
@@ -19,22 +29,28 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_ddim import betas_for_alpha_bar
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from fewstep.entry import enter, epsilon_plan, flow_time, vp_scale
+from fewstep.errors import InvalidInput
 from fewstep.sampling import resolve_solver
 from fewstep.schedules import flow_sigmas, resample_grid
-from fewstep.solvers.plan import Plan, PlanRun, Row, grid_plan, intervals_for
+from fewstep.solvers.plan import PlanRun, grid_plan, intervals_for
+from fewstep.solvers.registry import RECOMMENDED
 
 PREDICTIONS = {"flow_prediction": "flow", "epsilon": "epsilon"}
-# Keys that describe the model's training schedule. `from_config` keeps them even when the source scheduler only had
-# them as defaults (DDIMScheduler() records every key in `_use_default_values`): DDIM's default prediction_type
-# "epsilon" says what the model predicts, it is not a default of ours to replace.
-SCHEDULE_KEYS = ("num_train_timesteps", "prediction_type", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                 "timestep_spacing", "steps_offset")
-ENTRY_TOLERANCE = 1e-9  # σ values closer than this are the same grid node (Heun's stage σ = next node ± 1 ulp)
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+# Keys that describe the model's training schedule (flow: the shift and its variants; ε: the VP betas and spacing).
+# `from_config` keeps them even when the source scheduler only had them as defaults (DDIMScheduler() records every key
+# in `_use_default_values`): DDIM's default prediction_type "epsilon" says what the model predicts, it is not a
+# default of ours to replace. Our own config never lists them as defaults, so they survive a trip through other classes.
+SCHEDULE_KEYS = ("num_train_timesteps", "prediction_type", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
+                 "base_image_seq_len", "max_image_seq_len", "time_shift_type", "shift_terminal", "invert_sigmas",
+                 "beta_start", "beta_end", "beta_schedule", "trained_betas", "timestep_spacing", "steps_offset")
 
 
 @dataclass
@@ -42,63 +58,32 @@ class FewstepSchedulerOutput(BaseOutput):
     prev_sample: torch.Tensor
 
 
-def _alphas_cumprod(config) -> np.ndarray:
-    """ᾱ_t, t = 0..num_train_timesteps−1, computed as DDIMScheduler does (float32), so that a timestep means the same
-    noise level to both."""
-    n = config.num_train_timesteps
-    if config.trained_betas is not None:
-        betas = torch.tensor(config.trained_betas, dtype=torch.float32)
-    elif config.beta_schedule == "linear":
-        betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float32)
-    elif config.beta_schedule == "scaled_linear":
-        betas = torch.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, n, dtype=torch.float32) ** 2
-    elif config.beta_schedule == "squaredcos_cap_v2":
-        betas = betas_for_alpha_bar(n)
-    else:
-        raise ValueError(f"beta_schedule must be linear, scaled_linear or squaredcos_cap_v2, got "
-                         f"{config.beta_schedule!r}")
-    return torch.cumprod(1.0 - betas, dim=0).double().numpy()
+def _schedule_of(config: dict) -> dict:
+    """`config` with the source scheduler's own schedule made explicit in our keys, so that `from_config` keeps what
+    the source did (module doc, "from_config"): flow or ε, and the shift under its name here."""
+    config = dict(config)
+    source = config.get("_class_name")
+    flow_class = isinstance(source, str) and source.startswith("FlowMatch")
+    if flow_class:  # FlowMatchEuler/Heun/LCM are flow matching whatever prediction_type an older config left hidden
+        config["prediction_type"] = "flow_prediction"
+    elif source not in _our_classes() and (config.get("use_flow_sigmas")
+                                          or config.get("prediction_type") == "flow_prediction"):
+        # UniPC, DPM-Solver(++), DEIS, SA-Solver in flow mode: their shift is `flow_shift`
+        config["prediction_type"] = "flow_prediction"
+        if "flow_shift" in config:
+            config["shift"] = config["flow_shift"]
+    # A default of the source class is still what that scheduler did, not a default of ours to replace.
+    config["_use_default_values"] = [k for k in config.get("_use_default_values", []) if k not in SCHEDULE_KEYS]
+    return config
 
 
-def _vp_timesteps(n: int, config) -> np.ndarray:
-    """n decreasing VP timesteps with DDIMScheduler's `timestep_spacing` rules."""
-    total = config.num_train_timesteps
-    if config.timestep_spacing == "linspace":
-        return np.linspace(0, total - 1, n).round()[::-1].copy()
-    if config.timestep_spacing == "leading":
-        return (np.arange(n) * (total // n))[::-1].astype(np.float64) + config.steps_offset
-    if config.timestep_spacing == "trailing":
-        return np.round(np.arange(total, 0, -total / n)) - 1.0
-    raise ValueError(f"timestep_spacing must be linspace, leading or trailing, got {config.timestep_spacing!r}")
-
-
-def _k(s: np.ndarray | float) -> np.ndarray:
-    """x̃ = k(s)·x: 1/(α+σ) at flow time s (α ∝ 1−s, σ ∝ s, α² + σ² = 1)."""
-    s = np.asarray(s, dtype=np.float64)
-    return np.sqrt((1.0 - s) ** 2 + s ** 2)
-
-
-def _epsilon_plan(flow: Plan) -> Plan:
-    """The flow plan on (x̃, v) rewritten on (x, ε): x̃_j = k_j·x_j, v_j = (ε_j − k_j·x_j)/(1 − s_j), x_{i+1} =
-    x̃_{i+1}/k_{i+1}. Exact; every coefficient is formed once in float64."""
-    s = flow.sigmas
-    k = _k(s)
-    k_next = _k(np.r_[s[1:], flow.sigma_end])
-    rows = []
-    for i, row in enumerate(flow.rows):
-        x = {j: a * k[j] / k_next[i] for j, a in row.x.items()}
-        eps = {}
-        for j, b in row.v.items():
-            x[j] = x.get(j, 0.0) - b * k[j] / ((1.0 - s[j]) * k_next[i])
-            eps[j] = b / ((1.0 - s[j]) * k_next[i])
-        rows.append(Row(x, eps))
-    return Plan(flow.sigmas, flow.sigma_end, tuple(rows))
-
-
-def _restarted(plan: Plan) -> Plan:
-    """`plan` after one extra first call whose output is not used (x_1 = x_0)."""
-    rows = tuple(Row({j + 1: c for j, c in row.x.items()}, {j + 1: c for j, c in row.v.items()}) for row in plan.rows)
-    return Plan(np.r_[plan.sigmas[0], plan.sigmas], plan.sigma_end, (Row({0: 1.0}),) + rows)
+def _our_classes() -> set[str]:
+    classes, todo = set(), [FewstepScheduler]
+    while todo:
+        cls = todo.pop()
+        classes.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return classes
 
 
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
@@ -106,13 +91,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     solver="stork-4", solver_options={...})`. Accepts FlowMatchEulerDiscreteScheduler's keys (shift, dynamic
     shifting, shift_terminal) and, with `prediction_type="epsilon"`, DDIMScheduler's schedule keys."""
 
-    _compatibles = ["FlowMatchEulerDiscreteScheduler", "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
-                    "EulerDiscreteScheduler", "UniPCMultistepScheduler"]
-    order = 1  # one timesteps entry per model call, so img2img's `timesteps[t_start * order:]` counts calls
+    _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "DDIMScheduler",
+                    "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler"]
+    # One timesteps entry per model call for every solver, Heun included: num_inference_steps counts model calls, so
+    # img2img's `timesteps[t_start * order:]`, with t_start computed from num_inference_steps, must count calls too.
+    # FlowMatchHeun's order = 2 goes with its num_inference_steps counting Heun steps (2 calls each); here it would run
+    # strength 0.6 of 6 calls as 2 calls instead of 4. Repeated Heun values without a begin index: see `step`.
+    order = 1
     init_noise_sigma = 1.0
 
     @register_to_config
-    def __init__(self, solver: str = "adams2", solver_options: dict | None = None, num_train_timesteps: int = 1000,
+    def __init__(self, solver: str = RECOMMENDED, solver_options: dict | None = None, num_train_timesteps: int = 1000,
                  shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
                  max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
                  time_shift_type: str = "exponential", shift_terminal: float | None = None,
@@ -120,20 +109,29 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                  beta_end: float = 0.02, beta_schedule: str = "linear", trained_betas: list[float] | None = None,
                  timestep_spacing: str = "leading", steps_offset: int = 0):
         if prediction_type not in PREDICTIONS:
-            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTIONS)}, got {prediction_type!r}")
+            raise InvalidInput(f"prediction_type must be one of {', '.join(PREDICTIONS)}, got {prediction_type!r}")
         if invert_sigmas:
-            raise ValueError("invert_sigmas=True (Mochi) is not supported")
+            raise InvalidInput("invert_sigmas=True (Mochi) is not supported")
         if time_shift_type not in ("exponential", "linear"):
-            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
-        # Unknown solver or option, or a solver made for the other prediction type: ValueError here, not in step().
+            raise InvalidInput(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+        # Unknown solver or option, or a solver made for the other prediction type: an error here, not in step().
         self._solver, _ = resolve_solver(solver, dict(solver_options or {}), PREDICTIONS[prediction_type])
         self._solver_name = solver
         self._epsilon = prediction_type == "epsilon"
+        self._vp = None
         if self._epsilon:
-            alphas_cumprod = _alphas_cumprod(self.config)
+            if beta_schedule not in BETA_SCHEDULES and trained_betas is None:
+                raise InvalidInput(f"beta_schedule must be {', '.join(BETA_SCHEDULES)}, got {beta_schedule!r}")
+            if timestep_spacing not in TIMESTEP_SPACINGS:
+                raise InvalidInput(f"timestep_spacing must be {', '.join(TIMESTEP_SPACINGS)}, got "
+                                   f"{timestep_spacing!r}")
+            # diffusers' own VP schedule: ᾱ and the timestep spacing of DDIMScheduler with the same keys, so that a
+            # timestep means the same noise level to both.
+            self._vp = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                                     beta_schedule=beta_schedule, trained_betas=trained_betas,
+                                     timestep_spacing=timestep_spacing, steps_offset=steps_offset)
             # Flow time of every training timestep; increasing in t, so t ↔ s is a monotone interpolation.
-            self._flow_time = np.sqrt(1.0 - alphas_cumprod) / (np.sqrt(alphas_cumprod) + np.sqrt(1.0 - alphas_cumprod))
-            _vp_timesteps(1, self.config)  # reject an unknown timestep_spacing now
+            self._flow_time = flow_time(self._vp.alphas_cumprod.double().numpy())
         self._shift = shift
         self.timesteps = None
         self.sigmas = None
@@ -143,17 +141,31 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._plan = None
         self._run = None
         self._offset = 0
+        self._repeat_at = None
+        # Every schedule key explicit (so it survives a trip through another scheduler's config), and the shift under
+        # the name UniPC / DPM-Solver read in flow mode.
+        defaults = self.config.get("_use_default_values", [])
+        self.register_to_config(_use_default_values=[k for k in defaults if k not in SCHEDULE_KEYS],
+                                flow_shift=shift)
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """As diffusers' `from_config` (a config dict, a FrozenDict, or a saved config folder / JSON file path), keeping
+        the source scheduler's schedule: flow or ε, shift, dynamic shifting, terminal shift (module doc)."""
+        if "pretrained_model_name_or_path" in kwargs:
+            config = kwargs.pop("pretrained_model_name_or_path")
+        if config is None:
+            raise InvalidInput("from_config needs a config (a scheduler's .config, a dict, or a saved config folder)")
+        if not isinstance(config, dict):  # a path, as diffusers' own schedulers still accept
+            config, kwargs = cls.load_config(config, return_unused_kwargs=True, **kwargs)
         # DDIM keys this adapter does not implement would otherwise stay hidden config and change the noise levels
         # silently (zero-terminal-SNR rescaling); `set_alpha_to_one` needs no key: sampling always ends at σ = 0.
-        if config is not None and {**config, **kwargs}.get("rescale_betas_zero_snr"):
-            raise ValueError("rescale_betas_zero_snr=True (zero terminal SNR) is not supported")
-        if config is not None and "_use_default_values" in config:
-            config = dict(config)
-            config["_use_default_values"] = [k for k in config["_use_default_values"] if k not in SCHEDULE_KEYS]
-        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        if {**config, **kwargs}.get("rescale_betas_zero_snr"):
+            raise InvalidInput("rescale_betas_zero_snr=True (zero terminal SNR) is not supported")
+        made = super().from_config(_schedule_of(config), return_unused_kwargs=return_unused_kwargs, **kwargs)
+        scheduler = made[0] if return_unused_kwargs else made
+        scheduler.register_to_config(flow_shift=scheduler.config.shift)  # not the source's hidden one
+        return made
 
     @property
     def shift(self) -> float:
@@ -184,38 +196,49 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         indices); the calls are the solver's on them."""
         cfg = self.config
         if sigmas is not None and timesteps is not None:
-            raise ValueError("pass either `sigmas` or `timesteps`, not both")
+            raise InvalidInput("pass either `sigmas` or `timesteps`, not both")
         if self._epsilon and (sigmas is not None or mu is not None):
-            raise ValueError("prediction_type='epsilon' uses VP timesteps: pass `timesteps`, not sigmas or mu")
+            raise InvalidInput("prediction_type='epsilon' uses VP timesteps: pass `timesteps`, not sigmas or mu")
         if not self._epsilon and cfg.use_dynamic_shifting and mu is None:
-            raise ValueError("use_dynamic_shifting=True needs `mu` in set_timesteps (Flux and Qwen compute it from "
-                             "the image size)")
+            raise InvalidInput("use_dynamic_shifting=True needs `mu` in set_timesteps (Flux and Qwen compute it from "
+                               "the image size)")
         calls = num_inference_steps  # what the caller asked for; None when it gave the grid itself as timesteps
         if timesteps is not None:
             nodes = np.asarray(timesteps, dtype=np.float64).ravel()
             if num_inference_steps not in (None, len(nodes)):
-                raise ValueError(f"{len(nodes)} timesteps given but num_inference_steps={num_inference_steps}")
+                raise InvalidInput(f"{len(nodes)} timesteps given but num_inference_steps={num_inference_steps}")
             calls = None
+            if self._epsilon and len(nodes) and not (0 <= nodes.min() and nodes.max() <= cfg.num_train_timesteps - 1):
+                raise InvalidInput(f"timesteps must lie in [0, {cfg.num_train_timesteps - 1}] (num_train_timesteps="
+                                   f"{cfg.num_train_timesteps}), got {nodes.min():g} to {nodes.max():g}")
             grid = np.r_[self._flow_time_of(nodes) if self._epsilon else nodes / cfg.num_train_timesteps, 0.0]
         elif sigmas is not None:
             body = np.asarray(sigmas, dtype=np.float64).ravel()
             body = body[:-1] if body[-1] == 0 else body
             if num_inference_steps not in (None, len(body)):
-                raise ValueError(f"{len(body)} sigmas given but num_inference_steps={num_inference_steps}")
+                raise InvalidInput(f"{len(body)} sigmas given but num_inference_steps={num_inference_steps}")
             calls = len(body)
             n = self._intervals(calls)
             if n != calls:  # Heun: 2 calls per interval, so N calls need N/2 nodes of the same schedule
                 body = resample_grid(body, n - 1)
             grid = flow_sigmas(sigmas=body.tolist(), **self._shifting(mu))
         elif num_inference_steps is None:
-            raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
+            raise InvalidInput("set_timesteps needs num_inference_steps, sigmas or timesteps")
         elif self._epsilon:
-            grid = np.r_[self._flow_time_of(_vp_timesteps(self._intervals(calls), cfg)), 0.0]
+            grid = np.r_[self._flow_time_of(self._vp_timesteps(self._intervals(calls))), 0.0]
         else:
             grid = flow_sigmas(self._intervals(calls), **self._shifting(mu))
         plan = grid_plan(self._solver, grid)  # a solver that cannot run this grid (NeuralSolver's table) fails here
         if calls is not None and plan.calls != calls:
-            raise ValueError(f"{self._solver_name} makes {plan.calls} model calls on this grid, not {calls}")
+            raise InvalidInput(f"{self._solver_name} makes {plan.calls} model calls on this grid, not {calls}")
+        if self._epsilon and plan.sigmas.max() > self._flow_time[-1] + 1e-12:
+            top = cfg.num_train_timesteps - 1
+            raise InvalidInput(
+                f"{self._solver_name} calls the model at a noise level (flow time s = {plan.sigmas.max():.6g}) above "
+                f"the highest training timestep of this config ({top}: s = {self._flow_time[-1]:.6g}, from "
+                f"num_train_timesteps={cfg.num_train_timesteps} and beta_end={cfg.beta_end}); a searched solver's grid "
+                "is fixed, so num_train_timesteps and the betas must be the model's own (1000 and 0.02 for DiT, "
+                "PixArt, SD)")
         self._grid = np.asarray(grid, dtype=np.float64)
         self._plan = plan  # in flow variables; `_start_at` rewrites the plan it runs for ε models
         t = self._timestep_of(plan.sigmas) if self._epsilon else plan.sigmas * cfg.num_train_timesteps
@@ -225,10 +248,19 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = plan.calls
         self._step_index = None
         self._begin_index = None
+        self._repeat_at = None
         self._start_at(0)
 
     def _intervals(self, calls: int) -> int:
         return intervals_for(self._solver, int(calls), self._solver_name)
+
+    def _vp_timesteps(self, n: int) -> np.ndarray:
+        """n decreasing VP timesteps: DDIMScheduler's own, for the config's timestep_spacing and steps_offset."""
+        if n > self.config.num_train_timesteps:
+            raise InvalidInput(f"{n} grid nodes need num_train_timesteps >= {n}, got "
+                               f"num_train_timesteps={self.config.num_train_timesteps}")
+        self._vp.set_timesteps(n)
+        return self._vp.timesteps.double().numpy()
 
     def _shifting(self, mu: float | None) -> dict:
         cfg = self.config
@@ -250,51 +282,23 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if self._plan is not None and not fresh:
             self._start_at(begin_index)
         self._begin_index = begin_index
+        self._repeat_at = None
 
     def _start_at(self, k: int) -> None:
-        plan = self._plan if k == 0 else self._entry_plan(k)
-        self._run = PlanRun(_epsilon_plan(plan) if self._epsilon else plan)
+        """Run the plan from call k on (`fewstep.entry.enter`), rewritten on (x, ε) for ε models."""
+        plan = enter(self._solver, self._grid, self._plan, k, self._solver_name)
+        self._run = PlanRun(epsilon_plan(plan) if self._epsilon else plan)
         self._offset = k
-
-    def _entry_plan(self, k: int) -> Plan:
-        """The flow plan from call k on, for a sample at σ_k with no history: the solver re-planned on the grid nodes
-        left.
-
-        Its calls must be exactly the remaining timesteps, because the pipeline evaluates the model there. A Heun
-        entry between its two stages (the stage σ equals the next node) gets the re-planned Heun after one call
-        that only re-synchronises (as FlowMatchHeun, whose first step there has dt = 0). A solver whose re-planned
-        calls differ (a searched NeuralSolver grid, startup="rk", compat="official") cannot enter here: ValueError.
-        """
-        if not 0 < k < len(self.timesteps):
-            raise ValueError(f"begin index {k} is outside the {len(self.timesteps)} timesteps")
-        rest = self._plan.sigmas[k:]
-        nodes = self._grid[self._grid < rest[0] - ENTRY_TOLERANCE]
-        if len(nodes) == 0:  # entered at the end σ (Heun's last stage): the sample is already there
-            return Plan(rest, self._plan.sigma_end, tuple(Row({i: 1.0}) for i in range(len(rest))))
-        try:
-            plan = grid_plan(self._solver, np.r_[rest[0], nodes])
-        except ValueError:
-            plan = None
-        if plan is not None and plan.calls == len(rest) and np.allclose(plan.sigmas, rest, rtol=0,
-                                                                         atol=ENTRY_TOLERANCE):
-            return plan
-        if plan is not None and plan.calls == len(rest) - 1 and np.allclose(plan.sigmas, rest[1:], rtol=0,
-                                                                             atol=ENTRY_TOLERANCE):
-            return _restarted(plan)
-        raise ValueError(f"{self._solver_name} cannot start at timestep index {k} of {len(self.timesteps)} "
-                         f"(sigma {rest[0]:.4g}): re-planned on the remaining grid it does not make the remaining "
-                         f"{len(rest)} model calls. img2img/inpaint (strength < 1) needs a solver that restarts on any "
-                         f"grid, e.g. euler, adams2 or stork-2; a searched neuralsolver runs only its full grid.")
 
     def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
         if schedule_timesteps is None:
             schedule_timesteps = self.timesteps
         if schedule_timesteps is None:
-            raise ValueError("call set_timesteps before stepping")
+            raise InvalidInput("call set_timesteps before stepping")
         indices = (schedule_timesteps == timestep).nonzero()
         if len(indices) == 0:
-            raise ValueError(f"timestep {float(timestep)} is not one of this scheduler's timesteps; use the values in "
-                             "`scheduler.timesteps` (or set_begin_index)")
+            raise InvalidInput(f"timestep {float(timestep)} is not one of this scheduler's timesteps; use the values "
+                               "in `scheduler.timesteps` (or set_begin_index)")
         return int(indices[1 if len(indices) > 1 else 0].item())  # FlowMatchEuler's rule: the second occurrence
 
     def _init_step_index(self, timestep: float | torch.Tensor) -> None:
@@ -302,29 +306,36 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if isinstance(timestep, torch.Tensor):
                 timestep = timestep.to(self.timesteps.device)
             k = self.index_for_timestep(timestep)
-            if k > 0:  # mid-schedule entry without set_begin_index (FluxControl, ControlNet, SD3 t2i)
+            if k > 0:  # mid-schedule entry without set_begin_index (FluxControl, ControlNet, SD3 t2i, Wan v2v)
                 self._start_at(k)
+                # A repeated value (Heun: the stage at σ_k, then node k) was taken as its second occurrence; a pipeline
+                # that sliced at the first one makes one more call at this timestep (see `step`).
+                if float(self.timesteps[k - 1]) == float(self.timesteps[k]):
+                    self._repeat_at = k
             self._step_index = k
         else:
             self._step_index = self._begin_index
 
     def _noised(self, clean: torch.Tensor, noise: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """The state at flow time s (one value per batch element, or one for all): (1−s)·x0 + s·ε, which in VP
-        coordinates is α·x0 + σ·ε = that divided by k(s)."""
+        coordinates is α·x0 + σ·ε = that divided by k(s) (`fewstep.entry.vp_scale`)."""
         work = torch.float64 if clean.dtype == torch.float64 else torch.float32
-        s = s.to(clean.device, work).reshape(-1, *[1] * (clean.ndim - 1))
-        x = s * noise + (1.0 - s) * clean
+        x = s.to(clean.device, work).reshape(-1, *[1] * (clean.ndim - 1)) * noise + (
+            1.0 - s.to(clean.device, work).reshape(-1, *[1] * (clean.ndim - 1))) * clean
         if self._epsilon:
-            x = x / torch.sqrt((1.0 - s) ** 2 + s ** 2)
+            k = torch.from_numpy(vp_scale(s.double().cpu().numpy())).to(clean.device, work)
+            x = x / k.reshape(-1, *[1] * (clean.ndim - 1))
         return x.to(clean.dtype)
 
     def scale_noise(self, sample: torch.Tensor, timestep: float | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The forward process at the scheduler's current σ (img2img before the first step, inpaint after each)."""
-        if self._begin_index is None:
+        if self._step_index is not None:
+            indices = [self._step_index]
+        elif self._begin_index is not None:
+            indices = [self._begin_index]
+        else:
             timestep = torch.atleast_1d(torch.as_tensor(timestep)).to(self.timesteps.device)
             indices = [self.index_for_timestep(t) for t in timestep]
-        else:
-            indices = [self._begin_index if self._step_index is None else self._step_index]
         return self._noised(sample, noise, self.sigmas[indices])
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -338,15 +349,27 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
              ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
         """One model call. Integrates from `sample` (a callback may have replaced it) in float32 (float64 for float64
         tensors) and returns `model_output`'s dtype. bf16/fp16 inputs are kept as they are (upcasting them is exact)
-        and read into float32 by the combination itself (`fewstep.solvers.plan.combine`), so no copies are made."""
+        and read into float32 by the combination itself (`fewstep.solvers.plan.combine`), so no copies are made.
+
+        Repeated timesteps without a begin index (Heun's stage at σ_k and node k share a value; WanVideoToVideo and
+        older img2img pipelines slice `timesteps[t_start:]` and call no set_begin_index): the first step takes the
+        second occurrence, as FlowMatchEuler/FlowMatchHeun do. If the pipeline had sliced at the first one, its second
+        call comes at the same timestep: that call re-synchronises (returns `sample` as it is, as a Heun entry between
+        stages does with a begin index), and the run ends exactly where it does with set_begin_index."""
         if self._step_index is None:
             if self._run is None:
-                raise ValueError("call set_timesteps before step")
+                raise InvalidInput("call set_timesteps before step")
             self._init_step_index(timestep)
+        elif self._repeat_at is not None:
+            k, self._repeat_at = self._repeat_at, None
+            if self._step_index == k + 1 and float(timestep) == float(self.timesteps[k]):
+                out = sample.to(model_output.dtype)
+                out = out.clone() if out is sample else out
+                return (out,) if not return_dict else FewstepSchedulerOutput(prev_sample=out)
         i = self._step_index - self._offset
         if i >= self._run.plan.calls:
-            raise ValueError(f"step called {self._step_index + 1} times but there are {len(self.timesteps)} "
-                             "timesteps; call set_timesteps again for a new run")
+            raise InvalidInput(f"step called {self._step_index + 1} times but there are {len(self.timesteps)} "
+                               "timesteps; call set_timesteps again for a new run")
         prev = self._run.advance(i, sample, model_output, model_output.dtype)
         self._step_index += 1
         if not return_dict:
@@ -374,10 +397,11 @@ class StorkScheduler(FewstepScheduler):
 
     @_named
     def __init__(self, order: int = 4, stages: int | None = None, derivative_order: int | None = None,
-                 compat: str | None = None, extrapolate: str | None = None, **schedule):
+                 compat: str | None = None, extrapolate: str | None = None, jump: str | None = None, **schedule):
         if order not in (2, 4):
-            raise ValueError(f"STORK order must be 2 or 4, got {order!r}")
-        options = _options(stages=stages, derivative_order=derivative_order, compat=compat, extrapolate=extrapolate)
+            raise InvalidInput(f"STORK order must be 2 or 4, got {order!r}")
+        options = _options(stages=stages, derivative_order=derivative_order, compat=compat, extrapolate=extrapolate,
+                           jump=jump)
         FewstepScheduler.__init__.__wrapped__(self, solver=f"stork-{order}", solver_options=options, **schedule)
 
 
@@ -387,7 +411,7 @@ class AdamsScheduler(FewstepScheduler):
     @_named
     def __init__(self, order: int = 2, startup: str | None = None, **schedule):
         if order not in (2, 3, 4):
-            raise ValueError(f"Adams order must be 2, 3 or 4, got {order!r}")
+            raise InvalidInput(f"Adams order must be 2, 3 or 4, got {order!r}")
         FewstepScheduler.__init__.__wrapped__(self, solver=f"adams{order}", solver_options=_options(startup=startup),
                                               **schedule)
 

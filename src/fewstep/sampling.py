@@ -5,7 +5,10 @@ x_σ = (1−σ)·x0 + σ·ε; sampling goes from σ = 1 (the given noise) to σ 
 
 ε-prediction models (`prediction="epsilon"`) are called as `model(x, t)` with the VP time t of `vp`
 (x_t = α_t·x0 + σ_t·ε) and return ε. They run through the same solvers in flow coordinates
-s = σ_t/(α_t+σ_t), x̃ = x/(α_t+σ_t), where dx̃/ds = ε − x0 (DIFFUSERS.md §6); Euler there is DDIM(η=0).
+s = σ_t/(α_t+σ_t), x̃ = x/(α_t+σ_t), where dx̃/ds = ε − x0; Euler there is DDIM(η=0). The plan is rewritten on
+(x, ε) once (`fewstep.entry.epsilon_plan`), so the model sees x and returns ε as it is.
+
+`begin_index` starts a run mid-schedule (img2img) exactly as the diffusers adapter does (`fewstep.entry.enter`).
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from typing import Any
 import numpy as np
 
 from fewstep import solvers
-from fewstep.errors import NonFiniteError
+from fewstep.entry import enter, epsilon_plan
+from fewstep.errors import InvalidInput, NonFiniteError
 from fewstep.schedules import VPSchedule, flow_sigmas
 from fewstep.solvers.plan import Plan, PlanRun, Solver, grid_plan, intervals_for
+from fewstep.solvers.registry import RECOMMENDED
 
 
 def _is_numpy(x: Any) -> bool:
@@ -52,19 +57,17 @@ def resolve_solver(solver: str | Solver, options: dict, prediction: str = "flow"
     if isinstance(solver, str):
         obj, name = solvers.get(solver, **options), solver
     elif options:
-        raise ValueError(f"solver options {sorted(options)} only apply to a solver given by name")
+        raise InvalidInput(f"solver options {sorted(options)} only apply to a solver given by name")
     else:
         obj, name = solver, type(solver).__name__
     made_for = getattr(obj, "prediction", prediction)
     if made_for != prediction:
-        raise ValueError(f"{name} was made for prediction={made_for!r} models, not prediction={prediction!r}")
+        raise InvalidInput(f"{name} was made for prediction={made_for!r} models, not prediction={prediction!r}")
     return obj, name
 
 
-def make_plan(solver: str | Solver = "adams2", steps: int | None = None, *, shift: float = 1.0,
-              mu: float | None = None, sigmas: Sequence[float] | None = None, time_shift_type: str = "exponential",
-              **solver_options) -> Plan:
-    """The flow-matching plan `sample` would run (grid of diffusers' FlowMatchEulerDiscreteScheduler)."""
+def _flow_run(solver: str | Solver, steps: int | None, shift: float, mu: float | None, sigmas: Sequence[float] | None,
+              time_shift_type: str, begin_index: int, solver_options: dict) -> Plan:
     obj, name = resolve_solver(solver, solver_options)
     if sigmas is None:
         grid = flow_sigmas(intervals_for(obj, 8 if steps is None else steps, name), shift, mu,
@@ -73,76 +76,101 @@ def make_plan(solver: str | Solver = "adams2", steps: int | None = None, *, shif
         grid = flow_sigmas(sigmas=sigmas, shift=shift, mu=mu, time_shift_type=time_shift_type)
     plan = grid_plan(obj, grid)
     if steps is not None and plan.calls != steps:
-        raise ValueError(f"{name} makes {plan.calls} model calls on the given sigmas, but steps={steps}")
-    return plan
+        raise InvalidInput(f"{name} makes {plan.calls} model calls on the given sigmas, but steps={steps}")
+    return enter(obj, grid, plan, begin_index, name)
 
 
-def sample(model: Callable[[Any, float], Any], noise: Any, solver: str | Solver = "adams2", steps: int | None = None,
+def make_plan(solver: str | Solver = RECOMMENDED, steps: int | None = None, *, shift: float = 1.0,
+              mu: float | None = None, sigmas: Sequence[float] | None = None, time_shift_type: str = "exponential",
+              begin_index: int = 0, **solver_options) -> Plan:
+    """The flow-matching plan `sample` would run (grid of diffusers' FlowMatchEulerDiscreteScheduler). With
+    `begin_index` k: the plan from call k of that run on (img2img; `fewstep.entry.enter`), whose first σ is where the
+    input must be noised to."""
+    return _flow_run(solver, steps, shift, mu, sigmas, time_shift_type, begin_index, solver_options)
+
+
+def sample(model: Callable[[Any, float], Any], noise: Any, solver: str | Solver = RECOMMENDED, steps: int | None = None,
            *, shift: float = 1.0, mu: float | None = None, sigmas: Sequence[float] | None = None,
            prediction: str = "flow", time_shift_type: str = "exponential", vp: VPSchedule | None = None,
-           timesteps: Sequence[float] | None = None, callback: Callable[[int, float, Any, Any], None] | None = None,
-           progress: bool = False, check_finite: bool = True, **solver_options) -> Any:
+           timesteps: Sequence[float] | None = None, begin_index: int = 0,
+           callback: Callable[[int, float, Any, Any], None] | None = None, progress: bool = False,
+           check_finite: bool = True, **solver_options) -> Any:
     """Integrate from `noise` to a sample with `steps` model calls (NFE; default 8).
 
     `sigmas`: a custom σ grid, treated like diffusers' FlowMatchEuler `sigmas` (shifted; 0 appended unless it
     already ends in 0). `mu`: resolution-dependent (dynamic) shift. For ε-models, `timesteps` is a custom
-    decreasing VP-time grid (default: uniform from 0.999 to 1e−3). `callback(i, sigma, x_i, output_i)` is
-    called after every model call. Works on torch tensors (any dtype/device; math in float32 or better, result
-    in the input dtype) and NumPy arrays.
+    decreasing VP-time grid (default: uniform from 0.999 to 1e−3). `begin_index` k (img2img, as diffusers'
+    `set_begin_index`): `noise` is the sample at the noise level of call k of the `steps`-call run (flow: σ =
+    `make_plan(..., begin_index=k).sigmas[0]`) and only the remaining calls are made; a solver that cannot restart
+    there (a searched NeuralSolver, startup="rk", compat="official") raises `InvalidInput` before the first call
+    (`fewstep.entry`).
+    `callback(i, time, x_i, output_i)` is called after every model call with what the model saw and returned (flow:
+    σ, x, v; ε: the VP time t, x, ε). Works on torch tensors (any floating dtype/device; math in float32 or better,
+    result in the input dtype) and NumPy arrays.
     """
+    _check_state(noise)
     if prediction == "flow":
         if timesteps is not None or vp is not None:
-            raise ValueError("`timesteps` and `vp` apply to prediction='epsilon'; flow models take `sigmas`")
-        plan = make_plan(solver, steps, shift=shift, mu=mu, sigmas=sigmas, time_shift_type=time_shift_type,
-                         **solver_options)
+            raise InvalidInput("`timesteps` and `vp` apply to prediction='epsilon'; flow models take `sigmas`")
+        plan = _flow_run(solver, steps, shift, mu, sigmas, time_shift_type, begin_index, solver_options)
         return execute(plan, model, noise, callback=callback, progress=progress, check_finite=check_finite,
                        desc=solver if isinstance(solver, str) else None)
     if prediction != "epsilon":
-        raise ValueError(f"prediction must be 'flow' or 'epsilon', got {prediction!r}")
+        raise InvalidInput(f"prediction must be 'flow' or 'epsilon', got {prediction!r}")
     if sigmas is not None or mu is not None or shift != 1.0:
-        raise ValueError("prediction='epsilon' uses a VP time grid: pass `timesteps` (and `vp`), not sigmas/mu/shift")
+        raise InvalidInput("prediction='epsilon' uses a VP time grid: pass `timesteps` (and `vp`), not sigmas/mu/shift")
     vp = vp or VPSchedule()
     obj, name = resolve_solver(solver, solver_options, "epsilon")
     times = np.asarray(vp.times(intervals_for(obj, 8 if steps is None else steps, name)) if timesteps is None
                        else timesteps, dtype=np.float64)
-    plan = grid_plan(obj, vp.to_flow(times))
+    grid = vp.to_flow(times)
+    plan = grid_plan(obj, grid)
     if steps is not None and plan.calls != steps:
-        raise ValueError(f"{name} makes {plan.calls} model calls on the given timesteps, but steps={steps}")
-
-    def scale(s: float) -> float:  # α_t + σ_t at the VP time of flow time s
-        alpha, sigma = vp.alpha_sigma(vp.from_flow(s))
-        return float(alpha + sigma)
-
-    def flow_velocity(x_flow: Any, s: float) -> Any:
-        t = float(vp.from_flow(s))
-        alpha, sigma = (float(a) for a in vp.alpha_sigma(t))
-        x = x_flow * (alpha + sigma)
-        eps = model(x, t)
-        x0 = (x - sigma * eps) / alpha
-        return eps - x0
-
-    x_flow = execute(plan, flow_velocity, noise / scale(float(plan.sigmas[0])), callback=callback, progress=progress,
-                     check_finite=check_finite, desc=name)
-    return x_flow * scale(plan.sigma_end)
+        raise InvalidInput(f"{name} makes {plan.calls} model calls on the given timesteps, but steps={steps}")
+    # The flow plan in s, entered at k, rewritten on (x, ε) (fewstep.entry): the model sees x and returns ε as it is.
+    plan = epsilon_plan(enter(obj, grid, plan, begin_index, name))
+    return execute(plan, model, noise, times=vp.from_flow(plan.sigmas), callback=callback, progress=progress,
+                   check_finite=check_finite, desc=name)
 
 
-def execute(plan: Plan, model: Callable[[Any, float], Any], x: Any, *,
+def _check_state(x: Any) -> None:
+    """The starting state must be a floating-point torch tensor or NumPy array (integer maths rounds every step)."""
+    if _is_numpy(x):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise InvalidInput(f"noise must be a floating-point array, got dtype {x.dtype} (use e.g. "
+                               "noise.astype(np.float32))")
+        return
+    if not hasattr(x, "dtype") or not hasattr(x, "is_floating_point"):
+        raise InvalidInput(f"noise must be a torch tensor or a NumPy array, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise InvalidInput(f"noise must be a floating-point tensor, got dtype {x.dtype} (use e.g. noise.float())")
+
+
+def execute(plan: Plan, model: Callable[[Any, float], Any], x: Any, *, times: Sequence[float] | None = None,
             callback: Callable[[int, float, Any, Any], None] | None = None, progress: bool = False,
             check_finite: bool = True, desc: str | None = None) -> Any:
-    """Run `plan` from state `x` (the model sees x in its input dtype; the solver keeps float32 or better)."""
+    """Run `plan` from state `x`: call i is `model(x_i, times[i])` (default: the plan's σ's). The model sees x in its
+    input dtype and must return an output of x's shape; the solver keeps float32 or better."""
     from tqdm.auto import tqdm
 
+    _check_state(x)
     in_dtype = x.dtype
     work = _compute_dtype(x)
     x = _cast(x, work)
+    shape = tuple(x.shape)
+    times = plan.sigmas if times is None else times
     run = PlanRun(plan)
     for i in tqdm(range(plan.calls), desc=desc, unit="call", disable=not progress, leave=False):
-        sigma = float(plan.sigmas[i])
-        out = model(_cast(x, in_dtype), sigma)
+        t = float(times[i])
+        out = model(_cast(x, in_dtype), t)
+        where = f"at call {i + 1} of {plan.calls} ({'sigma' if times is plan.sigmas else 't'}={t:.6g})"
+        if getattr(out, "shape", None) is None or tuple(out.shape) != shape:
+            got = f"shape {tuple(out.shape)}" if getattr(out, "shape", None) is not None else type(out).__name__
+            raise InvalidInput(f"model output {where} has {got}; it must have the shape of its input x, {shape}")
         if check_finite and not _all_finite(out):
-            raise NonFiniteError(f"model output is not finite at call {i + 1} of {plan.calls} (sigma={sigma:.6g})")
+            raise NonFiniteError(f"model output is not finite {where}")
         out = _cast(out, work)
         if callback is not None:
-            callback(i, sigma, x, out)
+            callback(i, t, x, out)
         x = run.advance(i, x, out)
     return _cast(x, in_dtype)

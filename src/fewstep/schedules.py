@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fewstep.errors import InvalidInput
+
 
 def time_shift(sigmas: np.ndarray, *, shift: float = 1.0, mu: float | None = None,
                time_shift_type: str = "exponential") -> np.ndarray:
@@ -27,15 +29,15 @@ def time_shift(sigmas: np.ndarray, *, shift: float = 1.0, mu: float | None = Non
         return math.exp(mu) / (math.exp(mu) + odds)
     if time_shift_type == "linear":
         return mu / (mu + odds)
-    raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+    raise InvalidInput(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
 
 
-def flow_sigmas(steps: int | None = None, shift: float = 1.0, mu: float | None = None, *,
+def flow_sigmas(intervals: int | None = None, shift: float = 1.0, mu: float | None = None, *,
                 time_shift_type: str = "exponential", dynamic_shifting: bool | None = None,
                 sigmas: Sequence[float] | None = None, shift_terminal: float | None = None,
                 num_train_timesteps: int = 1000) -> np.ndarray:
-    """The σ grid of diffusers' `FlowMatchEulerDiscreteScheduler` after `set_timesteps(steps, sigmas=, mu=)`,
-    with the terminal 0 appended: `steps + 1` values.
+    """The σ grid of diffusers' `FlowMatchEulerDiscreteScheduler` after `set_timesteps(intervals, sigmas=, mu=)`,
+    with the terminal 0 appended: `intervals + 1` values (a solver's model calls per interval: `intervals_for`).
 
     Reproduces its quirks on purpose (so a sampler compared with diffusers sees the same grid): the end points
     σ_max, σ_min come from the float32 1000-point training grid, already shifted once, and are shifted again
@@ -45,21 +47,21 @@ def flow_sigmas(steps: int | None = None, shift: float = 1.0, mu: float | None =
     """
     dynamic = (mu is not None) if dynamic_shifting is None else dynamic_shifting
     if dynamic and mu is None:
-        raise ValueError("dynamic shifting needs `mu` (Flux/SD3 compute it from the image size); none was given")
+        raise InvalidInput("dynamic shifting needs `mu` (Flux/SD3 compute it from the image size); none was given")
     if sigmas is None:
-        if steps is None or int(steps) < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if intervals is None or int(intervals) < 1:
+            raise InvalidInput(f"intervals must be a positive integer, got {intervals!r}")
         train = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1] / np.float32(
             num_train_timesteps)
         if not dynamic:
             train = (np.float32(shift) * train / (1 + (np.float32(shift) - 1) * train)).astype(np.float32)
         sigma_max, sigma_min = float(train[0]), float(train[-1])
-        base = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, int(steps))
+        base = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, int(intervals))
         base = base / num_train_timesteps
     else:
         base = np.asarray(sigmas, dtype=np.float64).ravel()
-        if steps is not None and len(base) != steps and not (base[-1] == 0 and len(base) == steps + 1):
-            raise ValueError(f"{len(base)} sigmas given but steps={steps}")
+        if intervals is not None and len(base) != intervals and not (base[-1] == 0 and len(base) == intervals + 1):
+            raise InvalidInput(f"{len(base)} sigmas given but intervals={intervals}")
     ends_at_zero = base[-1] == 0
     body = base[:-1] if ends_at_zero else base
     body = time_shift(body, shift=1.0, mu=mu, time_shift_type=time_shift_type) if dynamic else time_shift(
@@ -74,16 +76,16 @@ def flow_sigmas(steps: int | None = None, shift: float = 1.0, mu: float | None =
 
 
 def check_grid(grid: np.ndarray) -> None:
-    """Raise a ValueError unless `grid` is a finite, strictly decreasing σ grid of at least two points."""
+    """Raise InvalidInput (a ValueError) unless `grid` is a finite, strictly decreasing σ grid of two points or more."""
     grid = np.asarray(grid, dtype=np.float64)
     if grid.ndim != 1 or len(grid) < 2:
-        raise ValueError(f"a σ grid needs at least two points (start and end), got {grid.tolist()}")
+        raise InvalidInput(f"a σ grid needs at least two points (start and end), got {grid.tolist()}")
     if not np.all(np.isfinite(grid)):
-        raise ValueError(f"σ grid contains non-finite values: {grid.tolist()}")
+        raise InvalidInput(f"σ grid contains non-finite values: {grid.tolist()}")
     bad = np.nonzero(np.diff(grid) >= 0)[0]
     if len(bad):
         i = int(bad[0])
-        raise ValueError(f"sigmas must be strictly decreasing; sigma[{i}]={grid[i]:.6g} <= "
+        raise InvalidInput(f"sigmas must be strictly decreasing; sigma[{i}]={grid[i]:.6g} <= "
                          f"sigma[{i + 1}]={grid[i + 1]:.6g}")
 
 
@@ -103,7 +105,7 @@ class VPSchedule:
     α_t = exp(−½∫β), σ_t = √(1−α_t²). The defaults (0.1, 20) are the DDPM/DiT continuous schedule.
 
     ε-prediction models are sampled with the flow solvers through the change of variables
-    s = σ_t/(α_t+σ_t), x̃ = x/(α_t+σ_t), under which dx̃/ds = ε − x0 exactly (DIFFUSERS.md §6), so Euler in
+    s = σ_t/(α_t+σ_t), x̃ = x/(α_t+σ_t), under which dx̃/ds = ε − x0 exactly (docs/diffusers.md), so Euler in
     (x̃, s) is DDIM(η=0).
     """
 
