@@ -1,4 +1,4 @@
-"""Variable-step Adams–Bashforth on any σ grid (NEURALSOLVER.md §2.1).
+"""Variable-step Adams–Bashforth on any σ grid (docs/neuralsolver.md §Adams).
 
 Step k goes from σ_k to σ_{k+1} (h = σ_k − σ_{k+1}) with the q latest grid velocities:
 
@@ -14,10 +14,12 @@ with a Runge–Kutta method of order q (extra model calls, counted) so the metho
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
+from fewstep.errors import InvalidInput
 from fewstep.solvers.plan import Plan, Row
 from fewstep.solvers.registry import SolverInfo, register
 from fewstep.solvers.rk import HEUN, KUTTA3, RK4, rk_step
@@ -25,21 +27,29 @@ from fewstep.solvers.rk import HEUN, KUTTA3, RK4, rk_step
 STARTUP_TABLEAU = {2: HEUN, 3: KUTTA3, 4: RK4}
 
 
+@functools.cache
+def gauss_legendre_unit(q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss–Legendre nodes mapped to u ∈ [0, 1] (u = (1 − x)/2) and weights summing to 1."""
+    gx, gw = np.polynomial.legendre.leggauss(q)
+    return (1.0 - gx) / 2.0, gw / 2.0
+
+
 def adams_weights(nodes: np.ndarray, sigma_from: float, sigma_to: float) -> np.ndarray:
     """b_j = (1/h)∫_{σ_to}^{σ_from} ℓ_j(σ)dσ for the Lagrange basis on `nodes`, by Gauss–Legendre quadrature with
     len(nodes) points (exact: the basis has degree len(nodes)−1)."""
     nodes = np.asarray(nodes, dtype=np.float64)
     q = len(nodes)
+    if q == 1:
+        return np.ones(1)
     h = sigma_from - sigma_to
-    gx, gw = np.polynomial.legendre.leggauss(q)
+    u, gw = gauss_legendre_unit(q)
     # Work in u = (σ_from − σ)/h so that the numbers are O(1) whatever the grid scale.
-    u = (1.0 - gx) / 2.0
     z = (sigma_from - nodes) / h
-    weights = np.empty(q)
-    for j in range(q):
-        others = np.delete(z, j)
-        weights[j] = np.sum(gw / 2.0 * np.prod((u[:, None] - others) / (z[j] - others), axis=1))
-    return weights
+    diff = z[:, None] - z[None, :]  # z_j − z_i
+    np.fill_diagonal(diff, 1.0)
+    factors = (u[:, None, None] - z[None, None, :]) / diff[None, :, :]  # [point, j, i]
+    factors[:, np.arange(q), np.arange(q)] = 1.0
+    return gw @ np.prod(factors, axis=2)
 
 
 @dataclass(frozen=True)
@@ -49,9 +59,9 @@ class Adams:
 
     def __post_init__(self) -> None:
         if self.order not in STARTUP_TABLEAU:
-            raise ValueError(f"Adams order must be 2, 3 or 4, got {self.order!r}")
+            raise InvalidInput(f"Adams order must be 2, 3 or 4, got {self.order!r}")
         if self.startup not in ("ramp", "rk"):
-            raise ValueError(f"startup must be 'ramp' or 'rk', got {self.startup!r}")
+            raise InvalidInput(f"startup must be 'ramp' or 'rk', got {self.startup!r}")
 
     def _rk_intervals(self, intervals: int) -> int:
         return min(self.order - 1, intervals) if self.startup == "rk" else 0

@@ -7,7 +7,8 @@ seen, so a whole sampling run is described by data:
     then:           x_{i+1} = Σ_j a_ij·x_j + Σ_j b_ij·v_j        j ≤ i, (a_i, b_i) = plan.rows[i]
 
 and x_n (n = number of calls) is the sample at σ = plan.sigma_end. The coefficients are float64 NumPy numbers; the
-states can be torch tensors of any dtype/shape/device or NumPy arrays. This module imports no torch.
+states can be torch tensors of any dtype/shape/device, NumPy arrays or MLX arrays (any array type with `+` and
+`*`). This module imports no torch and no MLX.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class StepCountError(InvalidInput):
 def intervals_for(solver: Solver, steps: int, name: str = "this solver") -> int:
     """The number of grid intervals on which `solver` makes exactly `steps` model calls."""
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps (model calls) must be a positive integer, got {steps!r}")
+        raise InvalidInput(f"steps (model calls) must be a positive integer, got {steps!r}")
     possible = []
     for n in range(1, steps + 1):
         calls = solver.calls(n)
@@ -111,11 +112,14 @@ def grid_plan(solver: Solver, grid: np.ndarray) -> Plan:
 
 
 def combine(terms: list[tuple[float, Any]], dtype: Any = None) -> Any:
-    """Σ c·t for torch tensors or NumPy arrays, in as few kernels as possible.
+    """Σ c·t for torch tensors, NumPy arrays or any array type with `+` and `*` by a Python float (MLX), in as few
+    kernels as possible.
 
     Torch: accumulated in float32 (float64 if a term is float64) whatever the terms' dtypes; the result has `dtype`
     (default: the accumulation dtype). Narrower terms (bf16/fp16 model outputs) are read into the float32 sum by the
     add itself, not copied first. (A bf16 `x.add(v, alpha=c)` would not do: it rounds c to bf16.)
+    Other arrays (MLX): plain `c·t` products and sums in the terms' own dtype, so the caller passes float32 terms
+    (`fewstep.mflux` does); `dtype` is applied with `.astype`. No framework is imported here.
     """
     (c0, t0), rest = terms[0], terms[1:]
     if isinstance(t0, np.ndarray):
@@ -123,6 +127,8 @@ def combine(terms: list[tuple[float, Any]], dtype: Any = None) -> Any:
         for c, t in rest:
             out += c * t
         return out
+    if not hasattr(t0, "add_"):  # not torch: an immutable array type with operators (MLX)
+        return _combine_operators(terms, dtype)
     # The accumulation width from the tensors themselves (this module imports no torch): 8 bytes if any term has it.
     width = max(4, *(t.dtype.itemsize for _, t in terms))
     if t0.dtype.itemsize != width:
@@ -138,6 +144,16 @@ def combine(terms: list[tuple[float, Any]], dtype: Any = None) -> Any:
     for c, t in rest:
         out.add_(t, alpha=c)
     return out if dtype is None else out.to(dtype)
+
+
+def _combine_operators(terms: list[tuple[float, Any]], dtype: Any = None) -> Any:
+    """Σ c·t with the array type's own operators, left to right, a coefficient 1 not multiplied (MLX: evaluated
+    lazily, when the caller evaluates the result)."""
+    out = None
+    for c, t in terms:
+        term = t if c == 1.0 else t * float(c)  # a NumPy scalar coefficient as a Python float: no dtype promotion
+        out = term if out is None else out + term
+    return out if dtype is None else out.astype(dtype)
 
 
 class PlanRun:

@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fewstep.errors import InvalidInput
 from fewstep.solvers.plan import Solver
 
 
@@ -31,6 +32,14 @@ def register(info: SolverInfo) -> None:
     _REGISTRY[info.name] = info
 
 
+RECOMMENDED = "adams-denoise"  # the training-free default at 4–12 model calls (docs/solvers.md)
+
+
+def recommended() -> str:
+    """The registered solver recommended for few-step sampling without a searched table (docs/solvers.md)."""
+    return RECOMMENDED if RECOMMENDED in _REGISTRY else next(iter(_REGISTRY))
+
+
 def names() -> list[str]:
     """The registered solver names, in registration order."""
     return list(_REGISTRY)
@@ -38,7 +47,7 @@ def names() -> list[str]:
 
 def info(name: str) -> SolverInfo:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown solver {name!r}; available: {', '.join(_REGISTRY)}")
+        raise InvalidInput(f"unknown solver {name!r}; available: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
 
 
@@ -48,6 +57,6 @@ def get(name: str, **options) -> Solver:
     accepted = entry.options()
     unknown = [k for k in options if k not in accepted]
     if unknown:
-        raise ValueError(f"solver {name!r} has no option {', '.join(map(repr, unknown))}; "
+        raise InvalidInput(f"solver {name!r} has no option {', '.join(map(repr, unknown))}; "
                          f"its options: {', '.join(accepted) or 'none'}")
     return entry.factory(**options)

@@ -1,0 +1,145 @@
+"""`adams-denoise`: variable-step Adams on the velocity where v is smooth, a denoiser (data-prediction) jump where a
+step reaches into the stiff 1/σ region near the data. One model call per step, training-free.
+
+Two step kinds, chosen from the grid alone (the plan is fixed before the first call):
+
+* **Adams steps** (the bulk): x_{k+1} = x^c_k − h·Σ_j b_j·v_j with the exact variable-step Adams–Bashforth weights
+  of `order` nodes (`adams_weights`), ramping up from Euler at the start. With `corrector=True`, after call k+1 the
+  state x_{k+1} is replaced by the Adams–Moulton value x^c_{k+1} = x^c_k − h·Σ_j b̂_j·v_j on the nodes plus k+1 (a
+  free corrector, UniPC's UniC idea in the velocity variable: v_{k+1} is not re-evaluated). As the predictor and
+  corrector start from the same x^c_k, x^c_{k+1} = x_{k+1} − h·Σ_j (b̂_j − b_j)·v_j: the row stays local.
+* **Denoiser jumps**: x_t = (σ_t/σ_s)·x^c_s + (1 − σ_t/σ_s)·x̂0_s with x̂0_s = x_s − σ_s·v_s, the exact solution of
+  d(x/σ)/dσ = −x̂0/σ² for x̂0 frozen at the last model call (the first-order exponential integrator, i.e. DDIM; without
+  the corrector it is exactly Euler). At σ_t = 0 the sample is the denoiser output x̂0_s. x̂0_s is taken at the state
+  where the model was called, not at x^c_s: where v is stiff (narrow modes near σ = 0, guidance) x̂0 does not depend
+  on the state, so x^c_s − σ_s·v_s would carry the corrector's change into the sample unfiltered (measured: 2.6–32×
+  worse on the stiff mixture on Flux's grid). A step is a jump when it ends at σ = 0 (λ = log((1−σ)/σ) = ∞), or when
+  it is more than 1 + √2 times longer in λ than the step before it (the zero-stability bound of variable-step
+  two-step formulas; on diffusers' FlowMatchEuler grids this is the step into σ_min = 0.001·shift, a final step in
+  all but name). Polynomial extrapolation of v or x̂0 across such a step extrapolates the choice of mode: on the
+  stiff mixture it costs 20–500× the error of Euler. The price: the last step's local error is O(h²), so the
+  asymptotic order is 2 whatever `order` is (diffusers' UniPC / DPM++ make the same choice below 15 steps).
+
+Measurements and when to use which solver: docs/solvers.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fewstep.solvers.adams import gauss_legendre_unit
+from fewstep.solvers.plan import Plan, Row
+from fewstep.solvers.registry import SolverInfo, register
+
+JUMP_RATIO = 1.0 + math.sqrt(2.0)  # variable-step BDF2/AB2 zero-stability limit on the step-size ratio
+
+
+def log_snr(sigma: np.ndarray) -> np.ndarray:
+    """λ = log((1−σ)/σ): −∞ at σ = 1, +∞ at σ = 0."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.log1p(-sigma) - np.log(sigma)
+
+
+def jump_steps(grid: np.ndarray) -> np.ndarray:
+    """Which steps of `grid` are denoiser jumps: ending at σ = 0, or more than JUMP_RATIO times the previous step's
+    length in λ (a first step from σ = 1 has infinite λ length: it is Euler anyway)."""
+    grid = np.asarray(grid, dtype=np.float64)
+    lam = log_snr(grid)
+    with np.errstate(invalid="ignore"):
+        dl = np.diff(lam)
+        jump = grid[1:] == 0.0
+        jump[1:] |= dl[1:] > JUMP_RATIO * dl[:-1]
+    return jump
+
+
+@dataclass(frozen=True)
+class AdamsDenoise:
+    order: int = 2
+    corrector: bool = True
+
+    def __post_init__(self) -> None:
+        if self.order not in (2, 3):
+            raise ValueError(f"adams-denoise: order must be 2 or 3, got {self.order!r}")
+        if not isinstance(self.corrector, bool):
+            raise ValueError(f"adams-denoise: corrector must be True or False, got {self.corrector!r}")
+
+    def calls(self, intervals: int) -> int:
+        return intervals
+
+    def plan(self, grid: np.ndarray) -> Plan:
+        grid = np.asarray(grid, dtype=np.float64)
+        n = len(grid) - 1
+        jumps = jump_steps(grid)
+        # Pass 1, the grid alone: the nodes of each Adams predictor (None for a jump; the history restarts after one)
+        # and of the corrector that follows it; pass 2: all their weights at once; pass 3: the rows.
+        pred: list[list[int] | None] = []
+        for k in range(n):
+            if jumps[k]:
+                pred.append(None)
+            else:
+                start = k if (k > 0 and pred[k - 1] is None) else max(0, k + 1 - self.order)
+                pred.append(list(range(start, k + 1)))
+        corr = [p + [k + 1] if (self.corrector and p is not None and k + 1 < n) else None for k, p in enumerate(pred)]
+        b_pred = _batch_weights(grid, pred)
+        b_corr = _batch_weights(grid, corr)
+        rows: list[Row] = []
+        for k in range(n):
+            s, t = grid[k], grid[k + 1]
+            cx: dict[int, float] = {k: 1.0}  # x^c_k = x_k + Σ cv_j·v_j
+            cv: dict[int, float] = {}
+            if k > 0 and corr[k - 1] is not None:
+                # x^c_k − x_k = −h·Σ (b̂_j − b_j)·v_j: the Adams–Moulton minus the Adams–Bashforth step from x^c_{k−1}.
+                h_prev = grid[k - 1] - s
+                for j, w in zip(corr[k - 1], b_corr[k - 1], strict=True):
+                    cv[j] = cv.get(j, 0.0) - h_prev * w
+                for j, w in zip(pred[k - 1], b_pred[k - 1], strict=True):
+                    cv[j] = cv.get(j, 0.0) + h_prev * w
+            if pred[k] is None:
+                # x_t = (σ_t/σ_s)·x^c_s + (1 − σ_t/σ_s)·(x_s − σ_s·v_s): x̂0 from the state the model saw.
+                r = t / s
+                rx = {j: r * c for j, c in cx.items()}
+                rv = {j: r * c for j, c in cv.items()}
+                rx[k] = rx.get(k, 0.0) + (1.0 - r)
+                rv[k] = rv.get(k, 0.0) - (1.0 - r) * s
+            else:
+                rx, rv = cx, cv
+                for j, w in zip(pred[k], b_pred[k], strict=True):
+                    rv[j] = rv.get(j, 0.0) - (s - t) * w
+            rows.append(Row({j: c for j, c in rx.items() if c != 0.0}, {j: c for j, c in rv.items() if c != 0.0}))
+        return Plan(grid[:-1].copy(), float(grid[-1]), tuple(rows))
+
+
+def _batch_weights(grid: np.ndarray, nodes: list[list[int] | None]) -> list[np.ndarray | None]:
+    """adams_weights(grid[nodes[k]], grid[k], grid[k + 1]) for every k at once (grouped by node count); None stays."""
+    out: list[np.ndarray | None] = [None] * len(nodes)
+    by_q: dict[int, list[int]] = {}
+    for k, nd in enumerate(nodes):
+        if nd is not None:
+            by_q.setdefault(len(nd), []).append(k)
+    for q, ks in by_q.items():
+        if q == 1:
+            for k in ks:
+                out[k] = np.ones(1)
+            continue
+        idx = np.array(ks)
+        z = (grid[idx, None] - grid[np.array([nodes[k] for k in ks])]) / (grid[idx] - grid[idx + 1])[:, None]
+        u, gw = gauss_legendre_unit(q)
+        # b_j = ∫₀¹ ℓ_j(u) du in u = (σ_from − σ)/h, by q-point Gauss–Legendre (exact for degree q − 1).
+        w = np.zeros((len(ks), q))
+        for j in range(q):
+            ell = np.ones((len(ks), len(u)))
+            for i in range(q):
+                if i != j:
+                    ell *= (u[None, :] - z[:, i:i + 1]) / (z[:, j:j + 1] - z[:, i:i + 1])
+            w[:, j] = ell @ gw
+        for k, row in zip(ks, w, strict=True):
+            out[k] = row
+    return out
+
+register(SolverInfo("adams-denoise", lambda order=2, corrector=True: AdamsDenoise(order, corrector),
+                    "2 (any order: the last step is first order)", 1, "4-12",
+                    "Adams + free corrector on v, denoiser (x0) jumps into σ≈0; robust training-free default"))

@@ -1,0 +1,112 @@
+"""adams-denoise: Adams steps on the velocity with a free corrector, denoiser (x̂0) jumps into σ ≈ 0."""
+
+import numpy as np
+import pytest
+import torch
+
+import fewstep
+from fewstep.sampling import execute
+from fewstep.schedules import flow_sigmas
+from fewstep.solvers import get, grid_plan
+from fewstep.solvers.denoise import JUMP_RATIO, jump_steps
+from fewstep.testbed import preset, reference_solve
+
+
+def test_jump_steps_on_the_grids_pipelines_pass():
+    # diffusers' default FlowMatchEuler grid ends σ_min = 0.001 → 0: the step into σ_min is a jump in all but name.
+    default = flow_sigmas(6, 1.0)  # 1, .8002, .6004, .4006, .2008, .001, 0
+    assert jump_steps(default).tolist() == [False, False, False, False, True, True]
+    # A pipeline's sigmas (Flux / SD3: linspace(1, 1/N, N), shifted): only the last step, to σ = 0.
+    for shift, mu in ((1.0, None), (3.0, None), (1.0, 1.15)):
+        grid = flow_sigmas(sigmas=np.linspace(1.0, 1.0 / 8, 8), shift=shift, mu=mu)
+        assert jump_steps(grid).tolist() == [False] * 7 + [True]
+    # The threshold is the step-ratio bound in λ = log((1 − σ)/σ): a step 1 + √2 times its predecessor is not a jump.
+    steps = [1.0, JUMP_RATIO * 0.999]
+    steps.append(steps[-1] * JUMP_RATIO * 1.001)
+    lam = np.cumsum([-1.0, *steps])
+    grid = 1.0 / (1.0 + np.exp(lam))
+    assert jump_steps(np.append(grid, 0.0)).tolist() == [False, False, True, True]
+
+
+def test_last_step_is_the_denoiser_output():
+    grid = flow_sigmas(sigmas=np.linspace(1.0, 0.25, 4), shift=3.0)
+    for corrector in (False, True):
+        last = grid_plan(get("adams-denoise", corrector=corrector), grid).rows[-1]
+        # x_N = x̂0(x_{N−1}) = x_{N−1} − σ_{N−1}·v_{N−1}, from the state the model saw (the corrector is not used).
+        assert last.x == {3: 1.0} and last.v == pytest.approx({3: -grid[3]}, rel=1e-15)
+
+
+def test_corrector_makes_linear_velocity_exact():
+    """v = a + bσ (state-independent): AB2 is exact but its Euler start-up step is off by b·h₀²/2; the Adams–Moulton
+    corrector of that step (the trapezoid rule) removes it. A grid ending above σ = 0 has no jumps."""
+    a, b = 0.3, -1.7
+    grid = np.array([1.0, 0.85, 0.6, 0.45, 0.3, 0.2])
+
+    def v(x, sigma):
+        return np.full_like(x, a + b * sigma)
+
+    exact = 1.0 - (a * (1.0 - 0.2) + b * (1.0 - 0.2 ** 2) / 2)
+    without = execute(grid_plan(get("adams-denoise", corrector=False), grid), v, np.ones(1))[0]
+    with_c = execute(grid_plan(get("adams-denoise"), grid), v, np.ones(1))[0]
+    assert without - exact == pytest.approx(-b * 0.15 ** 2 / 2, rel=1e-12)
+    assert abs(with_c - exact) < 1e-14
+
+
+def test_order_3_with_corrector_leaves_only_the_trapezoid_error():
+    """order=3 on a quadratic-in-σ velocity: from the third node on, AB3 predictors and AM3 correctors integrate it
+    exactly, and the corrected start-up step is the trapezoid rule, whose error −h₀³·v''/12 is all that is left
+    (without the corrector, the Euler and AB2 start-up errors stay)."""
+    grid = np.array([1.0, 0.9, 0.75, 0.55, 0.4, 0.3])
+
+    def v(x, sigma):
+        return np.full_like(x, 1.0 - 2.0 * sigma + 3.0 * sigma ** 2)  # v'' = 6
+
+    exact = 1.0 - ((1.0 - 0.3) - (1.0 - 0.3 ** 2) + (1.0 - 0.3 ** 3))
+    with_c = execute(grid_plan(get("adams-denoise", order=3), grid), v, np.ones(1))[0]
+    without = execute(grid_plan(get("adams-denoise", order=3, corrector=False), grid), v, np.ones(1))[0]
+    assert with_c - exact == pytest.approx(-(0.1 ** 3) * 6 / 12, rel=1e-10)
+    assert abs(without - exact) > 10 * abs(with_c - exact)
+
+
+@pytest.fixture(scope="module")
+def stiff():
+    g = preset("gmm-stiff")
+    noise = torch.randn(128, g.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return g, noise, reference_solve(g.velocity, noise, check=False).x
+
+
+def _rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x - ref).pow(2).mean().sqrt())
+
+
+def test_stiff_mixture_no_velocity_extrapolation_into_the_data(stiff):
+    """gmm-stiff (component std 0.01) at 6 NFE on the shift-3 pipeline grid: STORK-2 without jumps (the paper's form)
+    extrapolates v across the last step into the 1/σ region (~200× off); adams-denoise is at the data-std floor
+    (~0.01), and so is STORK with its denoiser jumps switched on."""
+    g, noise, ref = stiff
+    grid = flow_sigmas(sigmas=np.linspace(1.0, 1.0 / 6, 6), shift=3.0)
+    err = {name: _rmse(fewstep.sample(g.velocity, noise, name, sigmas=grid, shift=1.0, **opts), ref)
+           for name, opts in (("adams-denoise", {}), ("euler", {}), ("stork-2", {"jump": "none"}))}
+    err["stork-2 jump=all"] = _rmse(fewstep.sample(g.velocity, noise, "stork-2", sigmas=grid, jump="all"), ref)
+    assert err["adams-denoise"] < 0.015 and err["stork-2 jump=all"] < 0.015, err
+    assert err["stork-2"] > 20 * err["adams-denoise"], err
+
+
+def test_default_fewstep_errors_are_pinned():
+    """Regression values (gmm8d, 256 noises, shift-3 pipeline grid, 4/6/8 NFE) of the default adams-denoise."""
+    g = preset("gmm8d")
+    noise = torch.randn(256, g.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = reference_solve(g.velocity, noise, check=False).x
+    got = [_rmse(fewstep.sample(g.velocity, noise, "adams-denoise", sigmas=np.linspace(1.0, 1.0 / n, n), shift=3.0),
+                 ref) for n in (4, 6, 8)]
+    assert got == pytest.approx(PINNED, rel=1e-6)
+
+
+PINNED = [2.9264771e-1, 1.7476624e-1, 1.2885391e-1]  # UniPC-2 (diffusers, same grid): 0.304, 0.177, 0.128
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="order"):
+        get("adams-denoise", order=4)
+    with pytest.raises(ValueError, match="corrector"):
+        get("adams-denoise", corrector="yes")
