@@ -1,8 +1,12 @@
-"""`fewstep bench`: outputs, reproducibility, peers against diffusers run by hand, the metrics' exact cases."""
+"""`fewstep bench`: outputs, reproducibility, the grids and peers against closed-form ground truth, the statistics'
+exact cases, the headline and its targets, the README block, and every bad option refused before any work."""
 
 import argparse
 import csv
+import dataclasses
 import functools
+import json
+import math
 
 import numpy as np
 import pytest
@@ -11,10 +15,16 @@ import torch
 
 import fewstep.search
 from fewstep.bench import add_arguments, run, run_bench
-from fewstep.bench.problems import DIGITS_RTOL, load_problem
-from fewstep.bench.run import markdown, run_peer, write_outputs
-from fewstep.models.digits import frechet_distance, load_embedded
-from fewstep.testbed import energy_distance, preset, reference_solve
+from fewstep.bench import headline as hl
+from fewstep.bench.convergence import convergence_markdown, linear_exact, linear_velocity, measure, stable_limit
+from fewstep.bench.grids import get_grid, parse_grids
+from fewstep.bench.measure import markdown, write_problem
+from fewstep.bench.peers import PEERS, peer_scheduler, run_peer
+from fewstep.bench.problems import Problem, load_problem
+from fewstep.bench.stats import error_stats, ratio_ci, rmse_ci
+from fewstep.errors import InputFileError, InvalidInput
+from fewstep.models.digits import frechet_distance
+from fewstep.testbed import GaussianMixture, energy_distance, preset, reference_solve
 
 torch.set_num_threads(1)
 
@@ -25,75 +35,248 @@ def _args(*argv):
     return parser.parse_args(list(argv))
 
 
+def _tables(text):  # the printed tables without the wall-time line
+    return [line for line in text.splitlines() if not line.startswith("wall time")]
+
+
 def test_bench_writes_outputs_and_is_reproducible(tmp_path, capsys):
-    argv = ["--problem", "gmm2d", "--solvers", "euler,adams2", "--nfe", "8,4,5", "--samples", "64",
-            "--out", str(tmp_path)]
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["--problem", "gmm2d", "--solvers", "euler,adams2", "--nfe", "8,4,5", "--samples", "48",
+            "--out", str(out), "--cache", str(cache)]
     assert run(_args(*argv)) == 0
     first = capsys.readouterr().out
+    assert len(list(cache.iterdir())) == 1  # the reference solve, cached
     assert run(_args(*argv)) == 0
-    assert capsys.readouterr().out == first  # seeded: the same table twice
-    rows = list(csv.DictReader((tmp_path / "gmm2d-shift1.csv").open()))
-    assert {"problem", "solver", "nfe", "rmse", "median_error", "energy_distance"} <= set(rows[0])
-    # 2 fewstep solvers and 4 peers at NFE 4, 5, 8; FlowMatchHeun can make 5 calls only (2n − 1)
-    assert len(rows) == 6 * 3 + 1
-    assert [r["nfe"] for r in rows if r["solver"] == "FlowMatchHeunDiscreteScheduler"] == ["5"]
-    assert (tmp_path / "gmm2d-shift1.png").stat().st_size > 1000
-    assert (tmp_path / "gmm2d-shift1.md").read_text().count("best fewstep solver") == 3
-    assert "- NFE 8: best fewstep solver" in first
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"gmm2d-shift1.{e}" for e in ("csv", "json", "md", "png")]
+    assert _tables(capsys.readouterr().out) == _tables(first)  # seeded, and the cached reference is the same
+    rows = list(csv.DictReader((out / "gmm2d.csv").open()))
+    assert {"problem", "grid", "solver", "nfe", "rmse", "rmse_lo", "rmse_hi", "median_error", "energy_distance",
+            "mode_flips", "samples"} <= set(rows[0])
+    # 2 fewstep solvers and 5 peers at NFE 4, 5, 8; FlowMatchHeun makes 5 calls only (2n − 1)
+    assert len(rows) == 7 * 3 + 1
+    assert [r["nfe"] for r in rows if r["solver"] == "FlowMatchHeun"] == ["5"]
+    assert all(float(r["rmse_lo"]) <= float(r["rmse"]) <= float(r["rmse_hi"]) for r in rows)
+    assert (out / "gmm2d.png").stat().st_size > 1000
+    assert (out / "gmm2d.md").read_text().count("best fewstep method") == 3
+    assert sorted(p.name for p in out.iterdir()) == [f"gmm2d.{e}" for e in ("csv", "json", "md", "png")]
 
 
-def _by_hand(name, model, noise, steps, shift=1.0):
-    """diffusers' scheduler in the pipeline loop, written out: one model call per timestep, at the scheduler's σ."""
-    import diffusers
-
-    cls = getattr(diffusers, name)
-    sched = cls(shift=shift) if name.startswith("FlowMatch") else cls(
-        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift)
-    sched.set_timesteps(steps)
-    x = noise.clone()
-    for i, t in enumerate(sched.timesteps):
-        x = sched.step(model(x, float(sched.sigmas[i])), t, x).prev_sample
-    return x
+def _standard_gaussian() -> Problem:
+    """Data N(0, I) in 2-D: v(x, σ) = (2σ − 1)/((1 − σ)² + σ²)·x, and the exact flow maps the noise to itself."""
+    g = GaussianMixture([1.0], [[0.0, 0.0]], [1.0])
+    noise = torch.randn(40, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return Problem("gauss", g.velocity, noise, noise.clone(), lambda x: {}, g.velocity, noise, ())
 
 
-@pytest.mark.parametrize("name, steps, nfe", [("FlowMatchHeunDiscreteScheduler", 3, 5),
-                                              ("UniPCMultistepScheduler", 6, 6),
-                                              ("DEISMultistepScheduler", 6, 6)])
-def test_peer_in_bench_equals_scheduler_by_hand_and_counts_calls(name, steps, nfe):
-    g = preset("gmm8d")
-    noise = torch.randn(64, g.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    calls = []
+@pytest.mark.parametrize("grid, factor", [("shift1", 0.5), ("shift3", 0.7)])
+def test_euler_two_steps_on_a_gaussian_has_the_closed_form_error(grid, factor):
+    # shift 1: grid [1, 0.5, 0]; v(·, 1) = x → x/2; v(·, 0.5) = 0 → the sample is x/2, error x/2.
+    # shift 3: grid [1, 0.75, 0]; x → 0.75x; v(·, 0.75) = 0.8·(0.75x) → 0.75x − 0.75·0.6x = 0.3x, error 0.7x.
+    problem = _standard_gaussian()
+    rows = {r["solver"]: r for r in run_bench(problem, ["euler"], [2], grid, progress=False).rows}
+    exact = factor * float(problem.noise.pow(2).mean().sqrt())
+    assert rows["euler"]["rmse"] == pytest.approx(exact, rel=1e-12)
+    assert rows["FlowMatchEuler"]["rmse"] == pytest.approx(exact, rel=1e-6)  # diffusers steps in float32
+    norms = problem.noise.norm(dim=1)
+    assert rows["euler"]["median_error"] == pytest.approx(factor * float(np.median(norms.numpy())), rel=1e-12)
 
-    def counted(x, sigma):
-        calls.append(sigma)
+
+def test_grids_are_the_pipeline_grids():
+    assert np.array_equal(get_grid("shift1").sigmas(4), np.array([1.0, 0.75, 0.5, 0.25, 0.0]))
+    s = np.linspace(1.0, 0.25, 4)
+    assert get_grid("shift3").sigmas(4) == pytest.approx(np.append(3 * s / (1 + 2 * s), 0.0), abs=1e-7)
+    # Flux-dev at 1024²: 4096 packed tokens is its max_image_seq_len, so μ = max_shift = 1.15
+    flux = get_grid("flux1024")
+    assert flux.mu == pytest.approx(1.15, abs=1e-12)
+    e = math.exp(1.15)
+    assert flux.sigmas(4) == pytest.approx(np.append(e * s / (1 + (e - 1) * s), 0.0), abs=1e-7)
+    assert [g.name for g in parse_grids("all")] == ["shift1", "shift3", "flux1024"]
+    for bad in ("shift0", "shiftx", "flux512", ""):
+        with pytest.raises(InvalidInput, match="--grid"):
+            parse_grids(bad)
+
+
+@pytest.mark.parametrize("name", list(PEERS))
+def test_every_peer_steps_on_the_bench_grid(name):
+    g = preset("gmm2d")
+    noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = get_grid("shift3").sigmas(5)
+    seen = []
+
+    def model(x, sigma):
+        seen.append(sigma)
         return g.velocity(x, sigma)
 
-    rows = run_bench("gmm8d", [], [nfe], shift=2.0, samples=64, seed=3).rows
-    row = next(r for r in rows if r["solver"] == name)
-    assert torch.equal(run_peer(name, counted, noise, nfe, 2.0), _by_hand(name, g.velocity, noise, steps, 2.0))
-    assert len(calls) == nfe
-    hand = _by_hand(name, g.velocity, noise, steps, 2.0).double()
-    exact = reference_solve(g.velocity, noise).x
-    assert row["rmse"] == pytest.approx(float((hand - exact).pow(2).mean().sqrt()), rel=1e-9)
+    x = run_peer(name, model, noise, grid)
+    assert torch.isfinite(x).all()
+    want = grid[:-1].astype(np.float32).astype(np.float64)
+    if name == "FlowMatchHeun":  # both stages of every step but the last
+        want = np.concatenate([want[:1], np.repeat(want[1:], 2)])
+    if name in ("UniPC-2", "UniPC-3", "DPM++2M", "DEIS"):
+        want[0] = np.float32(1 - 1e-6)
+    assert np.array_equal(np.array(seen), want)
 
 
-def test_euler_matches_flow_match_euler_and_errors_fall():
-    rows = run_bench("gmm2d", ["euler"], [4, 8, 16], samples=64).rows
-    fm = [r["rmse"] for r in rows if r["solver"] == "FlowMatchEulerDiscreteScheduler"]
-    ours = [r["rmse"] for r in rows if r["solver"] == "euler"]
-    assert fm[0] > fm[1] > fm[2]
-    assert max(abs(a - b) for a, b in zip(fm, ours, strict=True)) <= 1e-5
+def test_unipc_on_the_injected_grid_equals_unipc_given_the_same_sigmas():
+    # UniPC accepts custom sigmas itself: replacing its grid after set_timesteps must not change what it computes
+    import diffusers
+
+    g = preset("gmm8d")
+    noise = torch.randn(32, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = get_grid("shift3").sigmas(6)
+    native = diffusers.UniPCMultistepScheduler(**PEERS["UniPC-2"][1], flow_shift=3.0)
+    native.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6))
+    injected = peer_scheduler("UniPC-2", grid)
+    assert native.sigmas.numpy() == pytest.approx(injected.sigmas.numpy(), abs=1e-6)
+    x = noise.clone()
+    for i, t in enumerate(native.timesteps):
+        x = native.step(g.velocity(x, float(native.sigmas[i])), t, x).prev_sample
+    assert run_peer("UniPC-2", g.velocity, noise, grid) == pytest.approx(x, abs=1e-4)
+
+
+def test_error_statistics_exact_cases():
+    reference = torch.zeros(3, 2, dtype=torch.float64)
+    x = torch.tensor([[3.0, 4.0], [0.0, 1.0], [6.0, 8.0]], dtype=torch.float64)  # L2 errors 5, 1, 10
+    got = error_stats(x, reference, resamples=500)
+    assert got["rmse"] == pytest.approx(math.sqrt(126 / 6), rel=1e-15)
+    assert got["median_error"] == 5.0
+    assert got["rmse_lo"] <= got["rmse"] <= got["rmse_hi"]
+    assert rmse_ci(np.full(10, 4.0)) == (2.0, 2.0)  # all errors equal: the interval is the point
+    # the same noises, errors twice as large (and a little noise): the paired ratio is 2, tightly
+    rng = np.random.default_rng(1)
+    a = rng.exponential(size=400) ** 3
+    lo, hi = ratio_ci(4 * a * (1 + 0.01 * rng.standard_normal(400)), a)
+    assert 1.98 < lo < 2 < hi < 2.02
+    assert ratio_ci(4 * a, a) == (2.0, 2.0)
+    sq = np.random.default_rng(0).exponential(size=2000)  # mean 1: the interval holds RMSE 1 and is narrow
+    lo, hi = rmse_ci(sq)
+    assert lo < 1 < hi and hi - lo < 0.1
+
+
+def test_headline_suite_refines_overlapping_cells_and_rewrites_the_readme(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nintro\n\n{hl.BEGIN}\nold table\n{hl.END}\n\nrest\n")
+    out = tmp_path / "bench"
+    argv = ["--suite", "headline", "--problem", "gmm2d", "--grid", "shift1,shift3", "--nfe", "4,5,8",
+            "--samples", "32", "--solvers", "euler", "--headline-solver", "stork-2", "--out", str(out), "--readme",
+            str(readme),
+            "--cache", str(tmp_path / "cache")]
+    assert run(_args(*argv)) == 0
+    printed = capsys.readouterr().out
+    cells = json.loads((out / "headline.json").read_text())
+    assert [(c["grid"], c["nfe"]) for c in cells] == [(g, n) for g in ("shift1", "shift3") for n in (4, 5, 8)]
+    for c in cells:
+        assert c["ratio"] == pytest.approx(c["ours_rmse"] / c["peer_rmse"])
+        assert c["ours_samples"] == (64 if c["refined"] else 32)  # --refine 1: as many noises again
+        assert c["refined"] == (c["ours_samples"] == 64)
+    assert any(c["refined"] for c in cells)
+    for c in cells:
+        assert c["ratio_lo"] <= c["ratio"] <= c["ratio_hi"] and c["undecided"] == (c["ratio_lo"] <= 1 <= c["ratio_hi"])
+    text = readme.read_text()
+    assert text.startswith("# title\n\nintro\n\n" + hl.BEGIN + "\n") and text.endswith(hl.END + "\n\nrest\n")
+    assert "old table" not in text and "| gmm2d | shift3 |" in text and "(bench/headline.md)" in text
+    assert "# Headline: stork-2 against the best diffusers scheduler" in printed
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["gmm2d.csv", "gmm2d.json", "gmm2d.md", "gmm2d.png", "headline.md", "headline.csv", "headline.json"])
+
+
+def test_the_default_headline_solver_is_the_registry_recommendation(monkeypatch):
+    from fewstep import solvers
+
+    monkeypatch.setattr(solvers, "recommended", lambda: "heun", raising=False)
+    assert hl.default_solver() == "heun"
+    monkeypatch.delattr(solvers, "recommended")
+    assert hl.default_solver() == "stork-2"
+
+
+def _cell(problem, grid, nfe, ours, peer, euler=1.0):
+    return {"problem": problem, "grid": grid, "nfe": nfe, "ours_rmse": ours, "peer_rmse": peer, "peer": "UniPC-2",
+            "ratio": ours / peer, "euler_rmse": euler}
+
+
+def test_targets_are_judged_cell_by_cell():
+    cells = [_cell("gmm8d", "shift1", 6, 0.4, 1.0), _cell("gmm8d", "shift1", 7, 0.5, 0.9),
+             _cell("gmm8d", "shift1", 8, 0.3, 0.8), _cell("gmm8d", "shift3", 8, 0.96, 0.8),
+             _cell("gmm8d", "shift1", 12, 0.2, 0.45), _cell("gmm8d", "shift1", 16, 0.1, 0.2),
+             _cell("gmm-stiff", "shift1", 4, 2.0, 1.0), _cell("gmm-stiff", "shift1", 5, 1.05, 1.0)]
+    every, half_at_8, euler, rises, half_calls, stiff = hl.targets(cells)
+    assert (every["passed"], every["good"], every["cells"]) == (False, 3, 6)  # NFE 4–10 only
+    assert [f.split(":")[0] for f in every["failing"]] == ["gmm8d shift3 NFE 8", "gmm-stiff shift1 NFE 4",
+                                                          "gmm-stiff shift1 NFE 5"]
+    assert every["failing"][0] == "gmm8d shift3 NFE 8: 1.20× UniPC-2 (0.96 vs 0.8)"
+    assert (half_at_8["passed"], half_at_8["good"], half_at_8["cells"]) == (True, 1, 2)  # half of 2 cells
+    assert (euler["passed"], euler["good"], euler["cells"]) == (False, 6, 8)  # stiff: 2.0 and 1.05 > Euler 1.0
+    assert (rises["passed"], rises["good"], rises["cells"]) == (False, 2, 3)  # 6 → 7 rises; 7 → 8, stiff 4 → 5 fall
+    # 0.4 at 6 ≤ the peer's 0.45 at 12; 0.3 at 8 > the peer's 0.2 at 16; shift 3 has no cell at 16
+    assert (half_calls["passed"], half_calls["good"], half_calls["cells"]) == (False, 1, 2)
+    assert (stiff["passed"], stiff["cells"]) == (True, 1)  # from 5 NFE: 1.05 ≤ 1.1
+    assert "[ ] RMSE ≤ the best diffusers peer in every cell of NFE 4–10: 3 of 6 cells" in hl.targets_markdown(
+        hl.targets(cells))
+
+
+def test_readme_needs_both_markers_in_order(tmp_path):
+    for text in ("no markers\n", f"{hl.END}\n{hl.BEGIN}\n", f"{hl.BEGIN}\n{hl.BEGIN}\n{hl.END}\n"):
+        readme = tmp_path / "README.md"
+        readme.write_text(text)
+        with pytest.raises(InputFileError, match="--readme"):
+            hl.check_readme(readme)
+    readme.write_text(f"a\n{hl.BEGIN}\nx\n{hl.END}\nb\n")
+    hl.rewrite_readme(readme, "table\n")
+    hl.rewrite_readme(readme, "table\n")  # idempotent
+    assert readme.read_text() == f"a\n{hl.BEGIN}\ntable\n{hl.END}\nb\n"
+
+
+def test_convergence_orders_on_the_linear_test_ode():
+    noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = linear_exact(noise)
+    # dx/dσ = −cos(σ)·x from σ = 1 to 0: x(0) = x(1)·e^{sin 1}
+    assert float((reference_solve(linear_velocity, noise, check=False).x - exact).abs().max()) < 1e-8
+    euler = measure("euler", linear_velocity, noise, exact, 3.0, (64, 128, 256))
+    heun = measure("heun", linear_velocity, noise, exact, 3.0, (64, 128, 256))
+    assert euler["local"] == pytest.approx(1.0, abs=0.05) and heun["local"] == pytest.approx(2.0, abs=0.05)
+    rows = [{"solver": "stork-2", "problem": p, "shift": s, "order": 2.0, "local_order": 1.8 if p == "gmm8d" else 2.0}
+            for p in ("linear", "gmm8d") for s in (1.0, 3.0)]
+    assert "≥ 1.9: NOT met (1.80)" in convergence_markdown(rows)
+
+
+def test_a_solver_with_options_is_its_own_row():
+    rows = run_bench("gmm2d", ["stork-2", "stork-2:extrapolate=velocity", "stork-2:compat=official"], [6], samples=16,
+                     peers=False, progress=False).rows
+    by = {r["solver"]: r["rmse"] for r in rows}
+    official = run_bench("gmm2d", ["stork-2-official"], [6], samples=16, peers=False, progress=False).rows[0]
+    assert by["stork-2:compat=official"] == official["rmse"]  # the same method under two names
+    assert len(set(by.values())) == 3
+    for bad in (["stork-2:stages"], ["stork-2:nonsense=1"], ["rk45:stages=2"]):
+        with pytest.raises(InvalidInput, match="--solvers"):
+            run_bench("gmm2d", bad, [6], samples=16, peers=False, progress=False)
+
+
+def test_stability_limits_of_euler_and_heun():
+    # one step multiplies x by 1 − z (Euler) or 1 − z + z²/2 (Heun): both stay bounded up to z = 2
+    assert stable_limit("euler") == pytest.approx(2.0, abs=1e-6)
+    assert stable_limit("heun") == pytest.approx(2.0, abs=1e-6)
+
+
+def test_reference_solves_are_cached(tmp_path, monkeypatch):
+    import fewstep.testbed
+
+    solves = []
+    solve = fewstep.testbed.reference_solve
+    monkeypatch.setattr(fewstep.testbed, "reference_solve", lambda *a, **k: solves.append(1) or solve(*a, **k))
+    first = load_problem("gmm2d", 16, 4, tmp_path)
+    again = load_problem("gmm2d", 16, 4, tmp_path)
+    assert torch.equal(first.reference, again.reference) and len(solves) == 1
+    load_problem("gmm2d", 16, 5, tmp_path)  # other noises: another cache entry, solved anew
+    assert len(solves) == 2 and len(list(tmp_path.iterdir())) == 2
 
 
 def test_searched_neuralsolver_beats_euler_and_is_seeded():
     def once():
         bench = run_bench("gmm2d", ["euler", "neuralsolver-searched"], [4], samples=64, peers=False,
-                          search_iterations=40)
+                          search_iterations=40, progress=False)
         return {r["solver"]: r["rmse"] for r in bench.rows}
 
     first = once()
-    assert first["neuralsolver-searched"] < 0.5 * first["euler"]
+    assert first["neuralsolver-searched"] < 0.7 * first["euler"]  # 0.075 vs 0.116 at 4 calls on the same grid
     assert once() == first
 
 
@@ -145,44 +328,125 @@ def digits():
     return load_problem("digits", 12, 0)
 
 
-def test_digits_reference_is_accurate_and_fd_ref_is_zero_on_it(digits):
-    model = load_embedded(dtype=torch.float64)
-    tight = reference_solve(model.velocity_fn(torch.arange(3)), digits.noise[:3], rtol=DIGITS_RTOL / 100,
-                            atol=DIGITS_RTOL / 100, check=False).x
-    assert (tight - digits.reference[:3]).abs().max() < 1e-5
+# FD of the 12 reference digits (seed 0) to the 1797 real ones, measured with the shipped fp16 weights in float64:
+# it moves only if the weights, the data, the noises or the FD change (tolerance: reference solve and BLAS rounding).
+DIGITS_FD_12 = 44.1039
+
+
+def test_digits_reference_is_accurate_and_its_fd_is_the_stored_value(digits):
     quality = digits.quality(digits.reference)
     # 12 samples in 128-d features: a rank-11 covariance, whose matrix square root holds to ~1e-4 only
     assert quality["fd_ref"] == pytest.approx(0.0, abs=1e-3)
-    assert quality["fd"] > 1.0  # 12 samples against 1797 real digits: far from the data's own statistics
+    assert quality["fd"] == pytest.approx(DIGITS_FD_12, abs=1e-3)
+    assert "max |error|" in digits.notes[1] and float(digits.notes[1].split("max |error| ")[1].split(",")[0]) < 1e-5
     assert "noise floor (two random halves of the real data, 899 and 898)" in digits.notes[2]
 
 
 def test_digits_bench_writes_sample_grid(digits, tmp_path):
-    bench = run_bench(digits, ["euler"], [4, 8], peers=False)
+    bench = run_bench(digits, ["euler"], [4, 8], peers=False, progress=False)
     assert markdown(bench).count("FD to real data / FD-ref") == 1
-    write_outputs(bench, tmp_path, "digits", "digits test")
+    write_problem([bench], tmp_path, "digits", "digits test")
     rows = list(csv.DictReader((tmp_path / "digits.csv").open()))
     assert [float(r["fd_ref"]) > 0 for r in rows] == [True, True]
     assert float(rows[0]["fd_ref"]) > float(rows[1]["fd_ref"])  # euler at 8 calls is closer to the exact flow
     from PIL import Image
 
-    grid = Image.open(tmp_path / "digits-samples.png")
+    grid = Image.open(tmp_path / "digits-shift1-samples.png")
     assert grid.height > 2 * 16 and grid.width > 2 * 10 * 16  # reference + euler rows, two NFE columns
     assert (tmp_path / "digits.png").stat().st_size > 1000
 
 
-def test_bad_input():
-    with pytest.raises(ValueError, match="unknown problem"):
-        run(_args("--problem", "cifar"))
-    with pytest.raises(ValueError, match="unknown solver 'rk45'"):
-        run_bench("gmm2d", ["rk45"], [4], samples=8)
-    for nfe in ("4,x", "0,4", ""):
-        with pytest.raises(ValueError, match="--nfe"):
-            run(_args("--problem", "gmm2d", "--nfe", nfe))
-    with pytest.raises(ValueError, match="--samples"):
-        run(_args("--problem", "gmm2d", "--samples", "1"))
-    with pytest.raises(ValueError, match="--search-iterations"):
-        run(_args("--problem", "gmm2d", "--search-iterations", "0"))
+def test_digits_with_guidance_samples_the_guided_flow(digits, monkeypatch):
+    import fewstep.testbed
+    from fewstep.models.digits import load_embedded
+
+    # the reference solve is not what is checked here: skip its minute of DOP853
+    monkeypatch.setattr(fewstep.testbed, "reference_solve",
+                        lambda v, x, **k: fewstep.testbed.ReferenceSolution(x.clone(), 0.0, 0))
+    cfg = load_problem("digits-cfg3", 12, 0)
+    assert torch.equal(cfg.noise, digits.noise)
+    guided = load_embedded(dtype=torch.float64).velocity_fn(torch.arange(12) % 10, 3.0)
+    assert torch.equal(cfg.velocity(cfg.noise, 0.5), guided(cfg.noise, 0.5))
+    assert float((cfg.velocity(cfg.noise, 0.5) - digits.velocity(digits.noise, 0.5)).abs().max()) > 0.1
+    assert "classifier-free guidance 3" in cfg.notes[0]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--problem", "cifar"], "--problem"), (["--grid", "shift-1"], "--grid"), (["--shift", "0"], "--shift"),
+    (["--nfe", "4,x"], "--nfe"), (["--nfe", "0,4"], "--nfe"), (["--nfe", ""], "--nfe"),
+    (["--samples", "0"], "--samples"), (["--samples", "1"], "--samples"), (["--image-samples", "0"], "--image-samples"),
+    (["--refine", "-1"], "--refine"), (["--bootstrap", "0"], "--bootstrap"), (["--search-iterations", "0"],
+                                                                                "--search-iterations"),
+    (["--solvers", "rk45"], "--solvers"), (["--headline-solver", "rk45"], "--headline-solver"),
+    (["--readme", "README.md"], "--readme"), (["--suite", "headline", "--no-peers"], "--no-peers"),
+    (["--grid", "shift1", "--shift", "3"], "--shift"), (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**64)], "--seed")])
+def test_bad_options_are_refused_before_any_work(argv, flag, monkeypatch):
+    import fewstep.bench.measure
+
+    monkeypatch.setattr(fewstep.bench.measure, "run_bench", lambda *a, **k: pytest.fail("computed before refusing"))
+    full = argv if "--problem" in argv else ["--problem", "gmm2d", *argv]
+    with pytest.raises(InvalidInput, match=flag):
+        run(_args(*full))
+
+
+def test_bad_output_paths_are_refused_before_any_work(tmp_path, monkeypatch):
+    import fewstep.bench.measure
+
+    monkeypatch.setattr(fewstep.bench.measure, "run_bench", lambda *a, **k: pytest.fail("computed before refusing"))
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(InputFileError, match="--out"):
+        run(_args("--problem", "gmm2d", "--out", str(a_file)))
+    with pytest.raises(InputFileError, match="--readme"):
+        run(_args("--suite", "headline", "--readme", str(tmp_path / "missing.md")))
+    no_markers = tmp_path / "README.md"
+    no_markers.write_text("# readme\n")
+    with pytest.raises(InputFileError, match="--readme"):
+        run(_args("--suite", "headline", "--readme", str(no_markers)))
+    with pytest.raises(InputFileError, match="--cache"):
+        run(_args("--problem", "gmm2d", "--cache", str(a_file)))
+
+
+def test_a_failed_reference_solve_is_one_error_naming_the_problem(tmp_path, monkeypatch):
+    import fewstep.testbed
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("reference solve accuracy check failed: 1e-3 > 1e-7")
+
+    monkeypatch.setattr(fewstep.testbed, "reference_solve", fails)
+    with pytest.raises(InvalidInput, match="--problem gmm2d: reference solve accuracy check failed"):
+        load_problem("gmm2d", 8, 0, tmp_path)
+
+
+def test_a_model_module_becomes_a_problem_with_one_registry_line(monkeypatch):
+    import sys
+    import types
+
+    from fewstep.bench import problems
+
+    module = types.ModuleType("fake_model")
+    module.bench_problem = lambda samples, seed, guidance: dataclasses.replace(_standard_gaussian(), name="x")
+    module.to_image = lambda x, scale, nrow: None
+    monkeypatch.setitem(sys.modules, "fake_model", module)
+    monkeypatch.setitem(problems.PROBLEMS, "fake", problems.from_module("fake_model"))
+    problem = load_problem("fake", 40, 1)
+    assert problem.name == "fake" and problem.to_image is module.to_image and problems.is_image("fake")
+
+    def missing(samples, seed, guidance):
+        raise FileNotFoundError(2, "No such file or directory", "weights.safetensors")
+
+    module.bench_problem = missing
+    with pytest.raises(InputFileError, match="--problem fake: No such file or directory: weights.safetensors"):
+        load_problem("fake", 40, 1)
+
+
+def test_cli_prints_one_line_for_a_bad_sample_count(capsys):
+    from fewstep.cli import main
+
+    assert main(["bench", "--samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--samples must be at least 2, got 0" in err
 
 
 def test_overhead_flag_prints_and_writes_the_overhead_table(tmp_path, capsys, monkeypatch):

@@ -10,35 +10,36 @@ machine's speed hits them alike.
 from __future__ import annotations
 
 import statistics
-import time
+import timeit
 
 import numpy as np
 import torch
 
-FLUX_DEV = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                base_image_seq_len=256, max_image_seq_len=4096)
+from fewstep.bench.grids import FLUX_DEV, flux_mu
+
 DTYPES = (torch.bfloat16, torch.float32)
 
 
-def _flux_mu(seq_len: int) -> float:
-    """Flux's `calculate_shift`: μ linear in the packed sequence length between the config's end points."""
-    slope = (FLUX_DEV["max_shift"] - FLUX_DEV["base_shift"]) / (FLUX_DEV["max_image_seq_len"]
-                                                                 - FLUX_DEV["base_image_seq_len"])
-    return FLUX_DEV["base_shift"] + slope * (seq_len - FLUX_DEV["base_image_seq_len"])
-
-
 def _loop_seconds(scheduler, sample: torch.Tensor, output: torch.Tensor, steps: int, mu: float) -> float:
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), device=sample.device, mu=mu)
-    scheduler.set_begin_index(0)
-    x = sample
-    if sample.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for t in scheduler.timesteps:
-        x = scheduler.step(output, t, x, return_dict=False)[0]
-    if sample.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    """One timed run of the N `step()` calls (timeit, garbage collection off); `set_timesteps` is its untimed
+    setup."""
+    state = {}
+
+    def setup() -> None:
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), device=sample.device, mu=mu)
+        scheduler.set_begin_index(0)
+        state["timesteps"] = list(scheduler.timesteps)
+        if sample.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def loop() -> None:
+        x = sample
+        for t in state["timesteps"]:
+            x = scheduler.step(output, t, x, return_dict=False)[0]
+        if sample.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return timeit.Timer(loop, setup=setup).timeit(number=1)
 
 
 def _measurable(solvers: list[str] | None, steps: int) -> list[str]:
@@ -68,7 +69,7 @@ def measure_overhead(solvers: list[str] | None = None, shape: tuple[int, ...] = 
     from fewstep.diffusers import FewstepScheduler
 
     names = _measurable(solvers, steps)
-    mu = _flux_mu(shape[1])  # shape is Flux's packed (batch, tokens, channels)
+    mu = flux_mu(shape[1])  # shape is Flux's packed (batch, tokens, channels)
     rows = []
     for dtype in DTYPES:
         gen = torch.Generator().manual_seed(0)

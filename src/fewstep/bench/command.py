@@ -1,0 +1,275 @@
+"""The `fewstep bench` command: its options, their checks (all before any computation) and the suites.
+
+Imports nothing heavy at module level (`fewstep bench --help` loads no torch).
+
+Suites: `table` (the default: the chosen problems × grids, every method, per-problem tables and plots), `headline`
+(all headline problems × grids, plus the headline table and the targets; `--readme` rewrites the README's generated
+block), `convergence` (measured orders on shifted grids), `overhead` (per-step cost against FlowMatchEuler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+
+from fewstep.errors import InputFileError, InvalidInput
+
+SEARCHED = "neuralsolver-searched"
+DEFAULT_NFE = "4,5,6,7,8,9,10,12,16"
+SEARCH_ITERATIONS = 300  # gmm8d, 8 NFE: RMSE 1.5e-2 in 3 s (1500 iterations: 9e-3 in 14 s)
+MAX_SEED = 2**63 - 1 - 2000
+SUITES = ("table", "headline", "convergence", "overhead")
+SAMPLES = 512  # mixtures
+IMAGE_SAMPLES = 256  # embedded image models: their reference solve costs ~0.2-0.4 s per noise
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", default="table", choices=SUITES,
+                        help="table: problems × grids × methods (default); headline: every headline problem and "
+                             "grid, with the headline table and the targets of issue #13; convergence: measured "
+                             "orders on shifted grids; overhead: per-step cost of the diffusers adapter")
+    parser.add_argument("--problem", default=None,
+                        help="comma-separated problems, or 'all' (gmm8d, gmm-stiff, digits, digits-cfg3); "
+                             "default: gmm8d (table), all (headline)")
+    parser.add_argument("--grid", default=None,
+                        help="comma-separated σ grids: shift<X> (e.g. shift1, shift3) or flux1024 (Flux's dynamic μ "
+                             "for a 1024² image), or 'all'; default: shift1 (table), all (headline)")
+    parser.add_argument("--shift", type=float, default=None, help="shorthand for --grid shift<X>")
+    parser.add_argument("--nfe", default=DEFAULT_NFE, help=f"model-call budgets (default {DEFAULT_NFE})")
+    parser.add_argument("--solvers", default=None,
+                        help=f"comma-separated fewstep methods (default: all registered, stork-*-official; {SEARCHED} "
+                             "only when named)")
+    parser.add_argument("--headline-solver", default=None,
+                        help="the training-free solver of the headline table (default: the registry's "
+                             "recommended solver, else stork-2)")
+    parser.add_argument("--samples", type=int, default=None, help=f"noises per mixture problem (default {SAMPLES})")
+    parser.add_argument("--image-samples", type=int, default=None,
+                        help=f"noises per embedded-model problem (default {IMAGE_SAMPLES})")
+    parser.add_argument("--refine", type=int, default=None,
+                        help="headline cells whose 95 %% intervals overlap are rerun on this many times the "
+                             "problem's noises more (default: 1 for the headline suite, 0 otherwise)")
+    parser.add_argument("--bootstrap", type=int, default=None,
+                        help="bootstrap resamples per confidence interval (default 2000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--search-iterations", type=int, default=SEARCH_ITERATIONS,
+                        help=f"optimizer steps of each {SEARCHED} search")
+    parser.add_argument("--no-peers", action="store_true", help="skip diffusers' schedulers")
+    parser.add_argument("--cache", default=None,
+                        help="folder for cached reference solves (default ~/.cache/fewstep/bench)")
+    parser.add_argument("--no-cache", action="store_true", help="solve the references again, store nothing")
+    parser.add_argument("--out", default=None, help="directory for Markdown, CSV, JSON and PNG outputs")
+    parser.add_argument("--readme", default=None,
+                        help="headline suite: rewrite the block between <!-- headline:begin --> and "
+                             "<!-- headline:end --> of this file with the headline table")
+    parser.add_argument("--overhead", action="store_true", help="same as --suite overhead")
+
+
+def machine() -> str:
+    """The machine in words: CPU model, cores, torch threads, OS, library versions."""
+    import diffusers
+    import scipy
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, diffusers "
+            f"{diffusers.__version__}, scipy {scipy.__version__}")
+
+
+def _positive(value: int | None, flag: str, default: int, minimum: int) -> int:
+    if value is None:
+        return default
+    if value < minimum:
+        raise InvalidInput(f"{flag} must be at least {minimum}, got {value}")
+    return value
+
+
+def _out_dir(out: str | None) -> Path | None:
+    """The output folder, checked before anything is computed: not a file, creatable, writable."""
+    from fewstep.files import check_output
+
+    if out is None:
+        return None
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise InputFileError(f"--out {out} exists and is not a directory")
+    check_output(path / "headline.md", "--out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputFileError(f"--out {out}: cannot create it ({err.strerror or err})") from None
+    return path
+
+
+def _problems(text: str | None, suite: str) -> list[str]:
+    from fewstep.bench.problems import HEADLINE_PROBLEMS, PROBLEMS
+
+    if text is None:
+        text = "all" if suite == "headline" else "gmm8d"
+    names = list(HEADLINE_PROBLEMS) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROBLEMS]
+    if unknown or not names:
+        raise InvalidInput(f"--problem: unknown problem {', '.join(map(repr, unknown)) or repr(text)}; available: "
+                           f"{', '.join(PROBLEMS)}, all")
+    return list(dict.fromkeys(names))
+
+
+def _overhead(args: argparse.Namespace, out: Path | None) -> int:
+    from fewstep.bench.measure import write_tables
+    from fewstep.bench.overhead import measure_overhead, overhead_markdown
+
+    rows = measure_overhead(solvers=args.solvers.split(",") if args.solvers else None)  # --solvers picks the rows
+    text = overhead_markdown(rows) + f"\nMachine: {machine()}.\n"
+    print(text)
+    if out:
+        write_tables(rows, out, "overhead")
+        from fewstep.files import atomic_write
+
+        atomic_write(out / "overhead.md", text.encode())
+    return 0
+
+
+def _convergence(out: Path | None, start: float) -> int:
+    from fewstep.bench.convergence import convergence_markdown, run_convergence, stability_markdown, stability_rows
+    from fewstep.bench.measure import write_tables
+    from fewstep.files import atomic_write
+
+    rows = run_convergence()
+    limits = stability_rows()
+    text = (f"# Convergence on shifted grids\n\n{convergence_markdown(rows)}\n## Linear stability\n\n"
+            f"{stability_markdown(limits)}\n`fewstep bench --suite convergence` on {machine()}; wall time "
+            f"{time.perf_counter() - start:.0f} s.\n")
+    print(text)
+    if out:
+        write_tables(rows, out, "convergence")
+        write_tables(limits, out, "stability")
+        atomic_write(out / "convergence.md", text.encode())
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from fewstep.bench.measure import single_thread
+
+    start = time.perf_counter()
+    single_thread()
+    suite = "overhead" if args.overhead else args.suite
+    out = _out_dir(args.out)
+    if args.readme is not None and suite != "headline":
+        raise InvalidInput("--readme rewrites the headline block: use it with --suite headline")
+    if suite == "overhead":
+        return _overhead(args, out)
+    if suite == "convergence":
+        return _convergence(out, start)
+    return _tables(args, suite, out, start)
+
+
+def _tables(args: argparse.Namespace, suite: str, out: Path | None, start: float) -> int:
+    from fewstep.bench import headline as hl
+    from fewstep.bench import stats
+    from fewstep.bench.grids import get_grid, parse_grids
+    from fewstep.bench.measure import check_solvers, fewstep_methods, parse_nfe, run_bench, write_problem
+    from fewstep.bench.problems import default_cache, is_image
+    from fewstep.files import atomic_write
+
+    problems = _problems(args.problem, suite)
+    readme = hl.check_readme(args.readme) if args.readme is not None else None
+    cache = None
+    if not args.no_cache:
+        cache = Path(args.cache) if args.cache is not None else default_cache()
+        from fewstep.files import check_output
+
+        check_output(cache / "probe", "--cache")
+    if args.shift is not None and args.grid is not None:
+        raise InvalidInput("--shift is shorthand for --grid shift<X>: give one of them")
+    if args.shift is not None:
+        if not args.shift > 0:
+            raise InvalidInput(f"--shift must be positive, got {args.shift}")
+        grids = [get_grid(f"shift{args.shift:g}")]
+    else:
+        grids = parse_grids(args.grid if args.grid is not None else ("all" if suite == "headline" else "shift1"))
+    nfe = parse_nfe(args.nfe)
+    samples = _positive(args.samples, "--samples", SAMPLES, 2)
+    image_samples = _positive(args.image_samples, "--image-samples", IMAGE_SAMPLES, 2)
+    refine = _positive(args.refine, "--refine", 1 if suite == "headline" else 0, 0)
+    resamples = _positive(args.bootstrap, "--bootstrap", stats.RESAMPLES, 100)
+    if not 0 <= args.seed <= MAX_SEED:  # the extra noises of --refine use seed + 1000, their data seed + 1002
+        raise InvalidInput(f"--seed must be an integer from 0 to {MAX_SEED}, got {args.seed}")
+    if args.search_iterations < 1:
+        raise InvalidInput(f"--search-iterations must be at least 1, got {args.search_iterations}")
+    solvers = check_solvers(args.solvers.split(",") if args.solvers is not None else None)
+    solver = args.headline_solver or hl.default_solver()
+    try:
+        check_solvers([solver])
+    except InvalidInput:
+        raise InvalidInput(f"--headline-solver: unknown solver {solver!r}; available: {', '.join(fewstep_methods())}"
+                           " (or name:key=value)") from None
+    want_headline = suite == "headline" or (not args.no_peers and solver in solvers and len(problems) * len(grids) > 1)
+    if suite == "headline":
+        if args.no_peers:
+            raise InvalidInput("--no-peers: the headline compares against diffusers' schedulers")
+        if solver not in solvers:
+            solvers.append(solver)
+
+    benches: dict[str, list] = {}
+    for name in problems:
+        count = image_samples if is_image(name) else samples
+        for grid in grids:
+            benches.setdefault(name, [])
+            problem = benches[name][0].problem if benches[name] else name
+            benches[name].append(run_bench(problem, solvers, nfe, grid, count, args.seed, not args.no_peers,
+                                           args.search_iterations, resamples, cache))
+    files = []
+    for name, runs in benches.items():
+        count = len(runs[0].problem.noise)
+        title = f"{name}, {count} noises, seed {args.seed}"
+        if suite == "table":
+            from fewstep.bench.measure import problem_markdown
+
+            print(problem_markdown(runs, title))
+        if out:
+            files += write_problem(runs, out, name, title, solver if want_headline else None)
+    command = (f"fewstep bench --suite {suite} --problem {','.join(problems)} --grid {','.join(g.name for g in grids)} "
+               f"--nfe {','.join(map(str, nfe))} --samples {samples} --image-samples {image_samples} --refine {refine} "
+               f"--seed {args.seed}" + (f" --solvers {args.solvers}" if args.solvers is not None else "")
+               + (f" --headline-solver {solver}" if want_headline else "") + (f" --out {args.out}" if out else ""))
+    if want_headline:
+        cells = []
+        for runs in benches.values():  # more noises where the intervals overlap: `refine` × the problem's count
+            cells += hl.headline_cells(runs, solver, refine * len(runs[0].problem.noise), resamples, args.seed, cache)
+        results = hl.targets(cells)
+        wall = time.perf_counter() - start
+        when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        header = (f"Generated by `{command}` on {when}; machine: {machine()}; wall time {wall:.0f} s "
+                  "(reference solves cached on disk make reruns faster).")
+        if out:
+            header += (" Every method on every problem, with plots: "
+                       + ", ".join(f"[{n}.md]({n}.md)" for n in benches) + ".")
+        definitions = (stats.RMSE_DEFINITION, stats.MEDIAN_DEFINITION,
+                       "noises: the count behind the solver's and the peer's statistics in that cell",
+                       "FD-ref (image models): Fréchet distance in the shipped classifier's features to the reference "
+                       "samples from the same noises, on the first noises (not the refined set)")
+        text = hl.headline_markdown(cells, results, solver, header, {g.name: g.title for g in grids}, definitions)
+        print(text)
+        if out:
+            atomic_write(out / "headline.md", text.encode())
+            from fewstep.bench.measure import write_tables
+
+            write_tables(cells, out, "headline")
+            files += ["headline.md", "headline.csv", "headline.json"]
+        if readme is not None:
+            link = os.path.relpath(out / "headline.md", readme.resolve().parent) if out else None
+            short = f"`{command}`, {when}, {machine().split(',')[0]}, wall time {wall:.0f} s"
+            hl.rewrite_readme(readme, hl.readme_block(cells, results, solver, short, link,
+                                                      {g.name: g.title for g in grids}))
+    wall = time.perf_counter() - start
+    print(f"\nwall time {wall:.0f} s on {machine()}" + (f"; wrote {len(files)} files to {out}" if out else ""))
+    return 0
