@@ -389,7 +389,7 @@ def test_shipped_solver_files_still_load():
     (["--batch", "0"], ["--batch must be an integer from 1"]),
     (["--iterations", "-1"], ["--iterations must be an integer from 1"]),
     (["--iterations", "0"], ["--iterations"]),
-    (["--steps", "1"], ["--steps must be an integer from 2"]),
+    (["--steps", "1"], ["--steps must be integers from 2"]),
     (["--lr", "nan"], ["--lr must be a positive number"]),
     (["--seed", "-1"], ["--seed"]),
 ])

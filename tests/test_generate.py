@@ -89,6 +89,23 @@ def test_stork_docs_order_kwarg_picks_the_solver():
     assert pixels("stork", {}) == pixels("stork-4", {}) != plain
 
 
+def test_neuralsolver_on_the_embedded_model_uses_its_shipped_search():
+    """`--scheduler neuralsolver` with no file runs the solver searched for the digits model (shipped in the package),
+    not the published SiT table: the same pixels as naming the shipped file, other pixels than naming "sit"."""
+    import fewstep as fs
+    from fewstep.search import shipped_solver
+
+    model = fs.load()
+
+    def pixels(kwargs):
+        config = fs.Config(num_inference_steps=6, scheduler="neuralsolver", scheduler_kwargs=kwargs)
+        return model.generate_image(seed=3, prompt="8", config=config).image.tobytes()
+
+    shipped = shipped_solver("digits")
+    assert shipped is not None and shipped.name == "digits-shift1.json"
+    assert pixels({}) == pixels({"solver_file": str(shipped)}) != pixels({"solver_file": "sit"})
+
+
 def test_solvers_command_lists_every_solver():
     from fewstep import solvers
 

@@ -195,6 +195,17 @@ def build_solver(name: str, options: dict, steps: int) -> Any:
     return solver
 
 
+def with_shipped_solver(solver: str, options: dict, model: str) -> dict:
+    """`neuralsolver` with no `solver_file` on an embedded model runs the solver searched for that model, shipped in
+    the package (`fewstep.search.shipped_solver`, docs/search.md); other solvers and explicit files are unchanged."""
+    if solver != "neuralsolver" or "solver_file" in options:
+        return options
+    from fewstep.search import shipped_solver
+
+    found = shipped_solver(model)
+    return options if found is None else {**options, "solver_file": str(found)}
+
+
 @dataclass
 class GeneratedImage:
     image: Any  # PIL.Image.Image
@@ -282,6 +293,7 @@ class EmbeddedModel:
             raise InvalidInput(str(err)) from None
         _check_seed(seed)
         solver, options = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
+        options = with_shipped_solver(solver, options, self.kind)
         noise = torch.randn(1, self.dim, generator=torch.Generator().manual_seed(seed))
         model = self.net.velocity_fn(torch.tensor([label]), guidance)
         begin = 0
@@ -440,13 +452,17 @@ def check_model_name(model: str | None) -> None:
                              f"an existing path{_suggest(model, [*ALIASES, *EMBEDDED_NAMES])}")
 
 
+def embedded_kind(model: str | None) -> str:
+    """The `fewstep.models.EMBEDDED` name of an embedded `--model` (none and "embedded" mean digits)."""
+    return "digits" if model in (None, "embedded") else model
+
+
 def load(model: str | None = None, device: str | None = None) -> EmbeddedModel | DiffusersModel:
     """The embedded digits model (no argument), an alias (schnell, dev, qwen, sd3), a hub id or a local path, on
     `device` (cpu, cuda, mps; default: the CPU for the embedded model, the best available for a pipeline)."""
     check_model_name(model)
     if model is None or model in EMBEDDED_NAMES:
-        kind = "digits" if model in (None, "embedded") else model
-        return EmbeddedModel(pick_device(device) if device is not None else "cpu", kind)
+        return EmbeddedModel(pick_device(device) if device is not None else "cpu", embedded_kind(model))
     return DiffusersModel.from_pretrained(model, ALIASES.get(model), device)
 
 
@@ -617,6 +633,8 @@ def run(args: argparse.Namespace) -> int:
         return config
 
     embedded = args.model is None or args.model in EMBEDDED_NAMES
+    if embedded:
+        options = with_shipped_solver(solver, options, embedded_kind(args.model))
     if args.model in ALIASES:
         checked(ALIASES[args.model].steps, ALIASES[args.model].guidance)  # before the (slow) model load
     if embedded:

@@ -1,0 +1,343 @@
+"""Solver search as a product (docs/search.md): any model through one code path, validation and restarts,
+model-call accounting, checkpoint/resume, the CLI, shipped searched files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fewstep
+from fewstep import search as S
+from fewstep.cli import main
+from fewstep.solvers.neuralsolver import SolverFile, neuralsolver
+from fewstep.testbed import preset
+
+torch.set_num_threads(1)  # the search is seeded and thread-count dependent
+
+
+def small(**changes):
+    """A seconds-long search configuration (gmm2d-sized)."""
+    return {"iterations": 24, "batch": 16, "samples": 48, "validation": 16, "teacher_points": 40, "eval_every": 4,
+            **changes}
+
+
+def test_counts_every_model_call_and_records_provenance():
+    g = preset("gmm2d")
+    seen = [0]
+
+    def model(x, s):
+        seen[0] += len(x)
+        return g.velocity(x, s)
+
+    found = S.search_target(S.plain_target(model, (2,), "counted"), [3, 4], **small(), shift=3.0, seed=1)
+    p = found.provenance
+    calls = p["model_calls"]
+    assert calls["total"] == seen[0] == calls["teacher"] + calls["training"] + calls["validation"]
+    # Training: per iteration batch × N steps × 2 (the finite-difference time gradient); restarts explore 5 each.
+    assert calls["training"] == 16 * 2 * (3 + 4) * (3 * 5 + 24 - 5)
+    assert sorted(found.steps) == [3, 4] and p["grid"] == {"shift": 3.0, "mu": None}
+    assert p["teacher"]["bytes_per_sample"] == 41 * 2 * 8 and p["fewstep"] == fewstep.__version__
+    for n in ("3", "4"):
+        info = p["steps"][n]
+        assert np.isfinite(info["validation_rmse"]) and len(info["restarts"]) == 3
+        best = min(r["validation_rmse"] for r in info["restarts"])
+        assert info["validation_rmse"] <= best  # the continued start only improves on its exploration
+    assert SolverFile(found.prediction, found.steps, found.start, json.loads(json.dumps(p))).provenance == p
+
+
+def test_validation_noises_never_give_gradients():
+    """Changing the held-out teacher states changes the reported validation error, never the training path."""
+    target = S.mixture_target("gmm2d")
+    bank = S.make_bank(target, 48, 16, 0, teacher_points=40)
+    moved = S._Bank(**{**bank.__dict__, "val_final": bank.val_final + 1.0})
+    options = {**small(), "restarts": 1}
+    for key in ("samples", "validation", "teacher_points"):
+        options.pop(key)
+    options["eval_every"] = 1000  # validate only at the end: the kept parameters are the last ones either way
+    a = S.search_target(target, 3, bank=bank, **options)
+    b = S.search_target(target, 3, bank=moved, **options)
+    for x, y in zip(a.steps[3], b.steps[3], strict=True):
+        assert np.array_equal(x, y)
+    assert b.provenance["steps"]["3"]["validation_rmse"] > 0.9  # the shifted targets are 1 away in every element
+
+
+def test_robust_loss_bounds_one_outlier():
+    """A sample 1000× further off than the others changes the robust loss by a bounded amount (linear, not
+    quadratic), while the paper's per-step MSE is dominated by it."""
+    base = [torch.zeros(64, 4)]
+    targets = [torch.full((64, 4), 1e-2)]
+    far = [t.clone() for t in targets]
+    far[0][0] = 10.0
+    robust = S._loss("robust", base, targets), S._loss("robust", base, far)
+    mse = S._loss("trajectory", base, targets), S._loss("trajectory", base, far)
+    assert float(mse[1] / mse[0]) > 1e4
+    assert float(robust[1] / robust[0]) < 200  # linear in the outlier's distance / the median, over 64 samples
+
+
+def test_search_beats_adams2_on_held_out_noise_gmm8d():
+    g = preset("gmm8d")
+    held = torch.randn(512, 8, generator=torch.Generator().manual_seed(4321), dtype=torch.float64)
+    exact = fewstep.testbed.reference_solve(g.velocity, held, check=False).x
+    found = S.search(g.velocity, 6, iterations=300, dim=8, bank=512, validation=256)
+    rmse = lambda x: float(((x - exact) ** 2).mean().sqrt())  # noqa: E731
+    searched = rmse(fewstep.sample(g.velocity, held, neuralsolver(found), 6))
+    adams2 = rmse(fewstep.sample(g.velocity, held, "adams2", 6))
+    assert searched < 0.6 * adams2, (searched, adams2)
+
+
+def test_checkpoint_resume_is_bit_identical(tmp_path):
+    target = S.mixture_target("gmm2d")
+    whole = S.search_target(target, [3, 4], **small())
+    ckpt = tmp_path / "s.json.ckpt"
+    count = [0]
+
+    def stop_twice():  # stop in the exploration of N=3, then again while N=4 continues its best start
+        count[0] += 1
+        return count[0] in (7, 60)
+
+    for _ in range(2):
+        with pytest.raises(S.Interrupted):
+            S.search_target(target, [3, 4], **small(), checkpoint=ckpt, stop=stop_twice)
+        assert ckpt.is_file()
+    resumed = S.search_target(target, [3, 4], **small(), checkpoint=ckpt, stop=stop_twice)
+    assert not ckpt.exists()  # a finished search removes its checkpoint
+    for n in (3, 4):
+        for a, b in zip(whole.steps[n], resumed.steps[n], strict=True):
+            assert np.array_equal(a, b)
+    # the calls spent before the interruption are still counted (teacher once, training as if uninterrupted)
+    assert resumed.provenance["model_calls"] == whole.provenance["model_calls"]
+
+
+def test_checkpoint_of_another_search_is_not_resumed(tmp_path):
+    target = S.mixture_target("gmm2d")
+    ckpt = tmp_path / "c.ckpt"
+    with pytest.raises(S.Interrupted):
+        S.search_target(target, 3, **small(seed=1), checkpoint=ckpt, stop=lambda: True)
+    messages = []
+    found = S.search_target(target, 3, **small(), checkpoint=ckpt, log=messages.append)
+    assert any("another search" in m for m in messages)
+    again = S.search_target(target, 3, **small())
+    assert np.array_equal(found.steps[3][1], again.steps[3][1])
+
+
+def test_embedded_model_labels_follow_the_samples():
+    """Bank sample k is searched with label k mod 10: the target's velocity equals the model's for that label."""
+    from fewstep.models import embedded
+
+    target = S.resolve_target("digits", guidance=2.0)
+    net = embedded("digits").load_embedded(dtype=torch.float64)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    index = torch.tensor([3, 14, 27])
+    got = target.velocity(x, 0.5, index)
+    want = torch.cat([net.velocity_fn(torch.tensor([lab]), 2.0)(x[i:i + 1], 0.5) for i, lab in enumerate((3, 4, 7))])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert target.shape == (64,) and target.info["guidance"] == 2.0
+
+
+def _cli(*argv):
+    return main(["search", *map(str, argv)])
+
+
+def test_cli_digits_multi_steps(tmp_path, capsys):
+    out = tmp_path / "d.json"
+    code = _cli("--model", "digits", "--steps", "3-4", "--out", out, "--iterations", 6, "--batch", 8, "--samples", 12,
+                "--validation", 6, "--teacher", "euler:20", "--teacher-points", 20, "--shift", 3, "--restarts", 1)
+    assert code == 0
+    found = SolverFile.load(out)
+    p = found.provenance
+    assert sorted(found.steps) == [3, 4] and p["model"] == "digits" and p["grid"]["shift"] == 3.0
+    assert p["teacher"]["solver"] == "euler:20" and p["model_calls"]["teacher"] == 20 * (12 + 6)
+    text = capsys.readouterr().out
+    assert "N=3: validation RMSE" in text and "model calls" in text
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["d.json"]  # no checkpoint left
+
+
+def test_cli_callable_model_and_ctrl_c_resume(tmp_path, monkeypatch, capsys):
+    """module:function with --shape; a Ctrl-C (SIGINT) mid-search exits 130, leaves a checkpoint and no solver file;
+    the same command resumes and writes the solver an uninterrupted search writes."""
+    (tmp_path / "mymodel.py").write_text(
+        "import os, signal\n"
+        "from fewstep.testbed import preset\n"
+        "g = preset('gmm2d')\n"
+        "calls = [0]\n"
+        "KILL_AT = [None]\n"
+        "def velocity(x, sigma):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == KILL_AT[0]:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return g.velocity(x.reshape(len(x), 2), sigma).reshape(x.shape)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mymodel
+
+    args = ["--model", "mymodel:velocity", "--shape", "1,2", "--steps", "3", "--iterations", 30, "--batch", 8,
+            "--samples", 32, "--validation", 8, "--teacher", "heun:20", "--teacher-points", 20, "-q"]
+    whole = tmp_path / "whole.json"
+    assert _cli(*args, "--out", whole) == 0
+    out = tmp_path / "s.json"
+    mymodel.calls[0], mymodel.KILL_AT[0] = 0, 300
+    assert _cli(*args, "--out", out) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "s.json.ckpt").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was restored
+    mymodel.KILL_AT[0] = None
+    assert _cli(*args, "--out", out) == 0
+    a, b = SolverFile.load(whole), SolverFile.load(out)
+    assert np.array_equal(a.steps[3][0], b.steps[3][0]) and np.array_equal(a.steps[3][1], b.steps[3][1])
+    assert b.provenance["model"] == "mymodel:velocity" and not (tmp_path / "s.json.ckpt").exists()
+    del sys.modules["mymodel"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--steps", "1"], "--steps must be integers from 2"),
+    (["--steps", "4-x"], "--steps"),
+    (["--steps", "8-4"], "empty range"),
+    (["--model", "nosuch"], "not a mixture"),
+    (["--model", "os:path"], "not callable"),
+    (["--model", "json:dumps"], "--shape"),
+    (["--model", "gmm2d", "--problem", "gmm8d"], "disagree"),
+    (["--shape", "4,x"], "--shape must be"),
+    (["--teacher", "rk4"], "--teacher"),
+    (["--teacher", "euler:0"], "--teacher"),
+    (["--shift", "0"], "--shift"),
+    (["--shift", "3", "--mu", "1"], "--shift or --mu"),
+    (["--model", "gmm2d", "--guidance", "3"], "no conditioning"),
+    (["--restarts", "0"], "--restarts"),
+    (["--samples", "0"], "--samples"),
+])
+def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys, argv, message):
+    out = tmp_path / "x.json"
+    assert _cli(*argv, "--out", out, "--iterations", 1) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists() and not os.path.exists(f"{out}.ckpt")
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    sys.path.insert(0, os.path.dirname(__file__))
+    import pipelines as tiny
+
+    path = tmp_path_factory.mktemp("models") / "tiny-flux"
+    tiny.flux(tiny.FLUX_SCHNELL).save_pretrained(path)
+    return path
+
+
+def test_pipeline_velocity_is_the_transformer_with_each_prompts_conditioning(tiny_flux):
+    """The search's velocity for bank sample k is the pipeline's own first transformer output for prompt k mod P
+    from the same latents (captured from a real pipeline run)."""
+    from diffusers import DiffusionPipeline
+
+    prompts = ["a red square", "a blue circle"]
+    pipe = DiffusionPipeline.from_pretrained(tiny_flux)
+    pipe.set_progress_bar_config(disable=True)
+    kw = {"height": 32, "width": 32, "max_sequence_length": 48}
+    target = S.pipeline_target(pipe, prompts, 0.0, 32, 32, call_kwargs={"max_sequence_length": 48})
+    assert target.info["timestep_scale"] == pytest.approx(1.0)  # Flux passes timestep / 1000 = σ
+    x = torch.randn(3, *target.shape, generator=torch.Generator().manual_seed(0))
+    got = target.velocity(x, 1.0, torch.tensor([0, 1, 2]))
+    outputs = []
+    handle = pipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0]))
+    for k in range(3):
+        pipe(prompt=prompts[k % 2], latents=x[k:k + 1], num_inference_steps=1, guidance_scale=0.0, output_type="latent",
+             **kw)
+    handle.remove()
+    torch.testing.assert_close(got, torch.cat(outputs), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], got[1])  # the prompts condition differently
+
+
+def test_cli_searches_a_diffusers_pipeline(tiny_flux, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n\na blue circle\n")
+    out = tmp_path / "flux.json"
+    code = _cli("--model", tiny_flux, "--prompts", prompts, "--height", 32, "--width", 32, "--steps", 3,
+                "--iterations", 4, "--samples", 4, "--validation", 2, "--batch", 2, "--restarts", 1,
+                "--teacher", "euler:8", "--teacher-points", 8, "--out", out, "-q")
+    assert code == 0, capsys.readouterr().err
+    p = SolverFile.load(out).provenance
+    assert p["pipeline"] == "FluxPipeline" and p["prompts"] == ["a red square", "a blue circle"]
+    assert p["model_calls"]["teacher"] == 8 * (4 + 2)
+    assert _cli("--model", tiny_flux, "--prompts", tmp_path / "none.txt", "--out", out) == 2
+
+
+@pytest.mark.parametrize("shift", [1, 3])
+def test_shipped_digits_solvers_beat_adams2_on_fresh_noise(shift):
+    path = S.shipped_solver("digits", shift)
+    assert path is not None and path.name == f"digits-shift{shift}.json"
+    found = SolverFile.load(path)
+    p = found.provenance
+    assert sorted(found.steps) == list(range(4, 11)) and p["model"] == "digits" and p["grid"]["shift"] == shift
+    assert p["fewstep"] and p["processes"] == 1 and p["model_calls"]["total"] > 0
+    target = S.resolve_target("digits")
+    noise = torch.randn(40, 64, generator=torch.Generator().manual_seed(777), dtype=torch.float64)
+    index = torch.arange(40)
+    model = lambda x, s: target.velocity(x, s, index)  # noqa: E731
+    exact = S.teacher_bank(model, noise, "exact:1e-7", 2)[1][-1]
+    for n in (4, 6, 8):
+        err = lambda x: float(((x - exact) ** 2).mean().sqrt())  # noqa: E731
+        searched = err(fewstep.sample(model, noise, neuralsolver(found), n))
+        adams2 = err(fewstep.sample(model, noise, "adams2", n, shift=shift))
+        assert searched < 0.8 * adams2, (n, searched, adams2)
+
+
+def test_shipped_solver_lookup_and_grid_warning():
+    assert S.shipped_solver("no-such-model") is None
+    assert S.shipped_solver("digits", 2.0).name == "digits-shift3.json"  # nearest in log: |ln 2 - ln 3| < ln 2
+    assert S.shipped_solver("digits", mu=0.0).name == "digits-shift1.json"
+    found = SolverFile.load(S.shipped_solver("digits", 3))
+    assert S.grid_mismatch(found, 3.0) is None
+    assert "shift-3 grid" in S.grid_mismatch(found, 1.0)
+    assert S.grid_mismatch(SolverFile.load("sit"), 1.0) is None  # a file that does not say
+
+
+def test_torchrun_two_gloo_processes_find_the_same_solver(tmp_path):
+    """`torchrun --nproc-per-node 2 -m fewstep search` (gloo on CPU): the teacher chunks and every minibatch are
+    split between the processes and the gradients all-reduced; the solver equals one process's to 1e-6 and the file
+    records each process's model calls."""
+    import subprocess
+
+    args = ["--model", "gmm2d", "--steps", "3,4", "--iterations", "20", "--batch", "16", "--samples", "64",
+            "--validation", "32", "--teacher-points", "40", "--restarts", "2", "--seed", "3", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, "-m", "fewstep", "search", *args, "--out", str(one)], check=True, env=env,
+                   timeout=600)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
+                    "fewstep", "search", *args, "--out", str(two)], check=True, env=env, timeout=600,
+                   capture_output=True)
+    a, b = SolverFile.load(one), SolverFile.load(two)
+    for n in (3, 4):
+        for x, y in zip(a.steps[n], b.steps[n], strict=True):
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)  # measured 3e-13
+    pa, pb = a.provenance, b.provenance
+    assert pa["processes"] == 1 and pb["processes"] == 2
+    assert pb["model_calls"]["total"] == pa["model_calls"]["total"]
+    shares = pb["model_calls"]["per_process"]
+    assert all(0 < s["teacher"] < pa["model_calls"]["teacher"] for s in shares)  # each solved only its chunks
+    assert sum(s["teacher"] for s in shares) == pa["model_calls"]["teacher"]
+    assert [s["training"] for s in shares] == [pa["model_calls"]["training"] // 2] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "two.json"]
+
+
+def test_half_precision_teacher_bank():
+    target = S.mixture_target("gmm2d")
+    full = S.make_bank(target, 48, 16, 0, teacher_points=40)
+    half = S.make_bank(target, 48, 16, 0, teacher_points=40, teacher_dtype=torch.float16)
+    assert half.t_states.dtype == torch.float16 and half.t_states.element_size() * 4 == full.t_states.element_size()
+    assert float((half.t_states.double() - full.t_states).abs().max()) < 5e-3  # float16 rounding of |x| < 4
+    found = S.search_target(target, 3, **small(teacher_dtype=torch.float16))
+    assert found.provenance["teacher"]["bytes_per_sample"] == 41 * 2 * 2
+    assert np.isfinite(found.provenance["steps"]["3"]["validation_rmse"])
+
+
+def test_without_validation_noises_the_last_parameters_are_kept():
+    target = S.mixture_target("gmm2d")
+    options = {**small(validation=0), "restarts": 1}  # validated every 4 iterations
+    found = S.search_target(target, 3, **options)
+    info = found.provenance["steps"]["3"]
+    assert info["best_iteration"] == 24 and np.isnan(info["validation_rmse"])
