@@ -213,6 +213,7 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {  # name → loader(name, samples
 }
 if importlib.util.find_spec("fewstep.models.fashion") is not None:  # the Fashion-MNIST model (by name, not in 'all')
     PROBLEMS["fashion"] = from_module("fewstep.models.fashion")
+    PROBLEMS["fashion-cfg3"] = from_module("fewstep.models.fashion", guidance=3.0)
 HEADLINE_PROBLEMS = ("gmm8d", "gmm-stiff", "digits", "digits-cfg3")  # `--problem all`
 
 
