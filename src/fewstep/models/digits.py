@@ -113,7 +113,9 @@ class DigitsClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-def _load(filename: str, cls: type[nn.Module], device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+def load_network(filename: str, cls: type[nn.Module], device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """The network `cls` from the package's weights/`filename`: architecture from the file's metadata (the JSON under
+    METADATA_KEY), in eval mode without gradients; shared by every embedded model."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -128,12 +130,12 @@ def _load(filename: str, cls: type[nn.Module], device: str | torch.device, dtype
 
 def load_embedded(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DigitsFlow:
     """The shipped flow model (package data; architecture in the safetensors metadata), in eval mode, no grads."""
-    return _load(FLOW_FILE, DigitsFlow, device, dtype)
+    return load_network(FLOW_FILE, DigitsFlow, device, dtype)
 
 
 def load_classifier(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DigitsClassifier:
     """The shipped digits classifier used to measure samples (class accuracy, FD on its features)."""
-    return _load(CLASSIFIER_FILE, DigitsClassifier, device, dtype)
+    return load_network(CLASSIFIER_FILE, DigitsClassifier, device, dtype)
 
 
 def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor | np.ndarray) -> float:

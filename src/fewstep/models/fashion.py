@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fewstep.errors import InvalidInput
-from fewstep.models.digits import frechet_distance, sinusoidal
+from fewstep.models.digits import frechet_distance, load_network, sinusoidal
 
 SIDE = 28
 DIM = SIDE * SIDE
@@ -209,27 +209,14 @@ def _weights_path(filename: str):
     return resources.files("fewstep.models").joinpath("weights", filename)
 
 
-def _load(filename: str, cls: type[nn.Module], device: str | torch.device, dtype: torch.dtype) -> nn.Module:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with resources.as_file(_weights_path(filename)) as file:
-        with safe_open(str(file), "pt") as f:
-            config = json.loads(f.metadata()[METADATA_KEY])["config"]
-        state = load_file(str(file))
-    net = cls(**config)
-    net.load_state_dict(state)  # load_state_dict copies the fp16 storage into the float32 parameters
-    return net.to(device, dtype).eval().requires_grad_(False)
-
-
 def load_embedded(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> FashionFlow:
     """The shipped flow model (package data; architecture in the safetensors metadata), in eval mode, no grads."""
-    return _load(FLOW_FILE, FashionFlow, device, dtype)
+    return load_network(FLOW_FILE, FashionFlow, device, dtype)
 
 
 def load_classifier(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> FashionClassifier:
     """The shipped Fashion-MNIST classifier used to measure samples (class accuracy, FD on its features)."""
-    return _load(CLASSIFIER_FILE, FashionClassifier, device, dtype)
+    return load_network(CLASSIFIER_FILE, FashionClassifier, device, dtype)
 
 
 def training_settings(filename: str = FLOW_FILE) -> dict:
