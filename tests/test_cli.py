@@ -41,6 +41,11 @@ def fewstep(capsys, *args):
     return code, out, err
 
 
+def generate(capsys, *args):
+    """`fewstep generate` on the small digits model (the default model is fashion; these tests are about the CLI)."""
+    return fewstep(capsys, "generate", "--model", "digits", *args)
+
+
 def assert_one_line_error(code, err, *fragments):
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -60,7 +65,7 @@ def inputs(tmp_path):
     folder.mkdir()
     (folder / "notes.png").write_text("not an image\n")
     good = folder / "good.png"
-    model = EmbeddedModel()
+    model = EmbeddedModel(kind="digits")
     model.progress = False
     model.generate_image(1, "3", Config(num_inference_steps=4)).save(good)
     (folder / "truncated.png").write_bytes(good.read_bytes()[:200])
@@ -94,7 +99,7 @@ def inputs(tmp_path):
 def test_bad_values_are_one_line_errors_and_nothing_is_written(capsys, tmp_path, args, fragments):
     if "--prompt" not in args:
         args = ["--prompt", "7", *args]
-    code, out, err = fewstep(capsys, "generate", *args, "--quiet", "--output", tmp_path / "x.png")
+    code, out, err = generate(capsys, *args, "--quiet", "--output", tmp_path / "x.png")
     assert_one_line_error(code, err, *fragments)
     assert files_in(tmp_path) == []
 
@@ -109,7 +114,7 @@ def test_bad_values_are_one_line_errors_and_nothing_is_written(capsys, tmp_path,
 def test_bad_input_images_are_refused_by_name(capsys, tmp_path, inputs, name, fragments):
     path = inputs / name
     for flags in (["--image", path], ["--image-path", path]):
-        code, _, err = fewstep(capsys, "generate", "--prompt", "7", *flags, "-q", "--output", tmp_path / "x.png")
+        code, _, err = generate(capsys, "--prompt", "7", *flags, "-q", "--output", tmp_path / "x.png")
         assert_one_line_error(code, err, f"{flags[0]} {path}", *fragments)
     assert files_in(tmp_path) == ["inputs"]
 
@@ -130,7 +135,7 @@ def test_bad_input_images_are_refused_by_name(capsys, tmp_path, inputs, name, fr
 ])
 def test_img2img_flag_mistakes(capsys, tmp_path, inputs, args, fragments):
     args = [a.format(good=inputs / "good.png") for a in args]
-    code, _, err = fewstep(capsys, "generate", "--prompt", "7", *args, "-q", "--output", tmp_path / "x.png")
+    code, _, err = generate(capsys, "--prompt", "7", *args, "-q", "--output", tmp_path / "x.png")
     assert_one_line_error(code, err, *fragments)
     assert files_in(tmp_path) == ["inputs"]
 
@@ -155,7 +160,7 @@ def test_mflux_strength_runs_mflux_step_count():
 
 def test_mflux_and_diffusers_strength_flags_give_the_same_image(capsys, tmp_path, inputs):
     good = inputs / "good.png"
-    common = ["generate", "--prompt", "5", "--steps", "8", "--seed", "4", "-q"]
+    common = ["generate", "--model", "digits", "--prompt", "5", "--steps", "8", "--seed", "4", "-q"]
     assert fewstep(capsys, *common, "--image-path", good, "--image-strength", "0.25", "-o", tmp_path / "m.png")[0] == 0
     assert fewstep(capsys, *common, "--image", good, "0.75", "-o", tmp_path / "d.png")[0] == 0
     assert fewstep(capsys, *common, "--image", good, "--strength", "0.75", "-o", tmp_path / "s.png")[0] == 0
@@ -165,7 +170,7 @@ def test_mflux_and_diffusers_strength_flags_give_the_same_image(capsys, tmp_path
 
 
 def test_seeds_are_all_checked_before_any_image_is_written(capsys, tmp_path):
-    code, _, err = fewstep(capsys, "generate", "--prompt", "7", "--seed", "1", "2", str(2**64), "-q",
+    code, _, err = generate(capsys, "--prompt", "7", "--seed", "1", "2", str(2**64), "-q",
                            "--output", tmp_path / "d_{seed}.png")
     assert_one_line_error(code, err, "--seed")
     assert files_in(tmp_path) == []
@@ -179,7 +184,7 @@ def test_special_files_are_never_replaced(capsys, tmp_path):
     link = tmp_path / "null.png"
     link.symlink_to(os.devnull)
     for target, kind in ((fifo, "is a FIFO"), (link, "is a character device")):
-        code, _, err = fewstep(capsys, "generate", "--prompt", "7", "-q", "--output", target)
+        code, _, err = generate(capsys, "--prompt", "7", "-q", "--output", target)
         assert_one_line_error(code, err, f"--output {target}", kind)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink()
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
@@ -197,7 +202,7 @@ def test_read_only_output_is_refused_and_kept(capsys, tmp_path):
     target = tmp_path / "keep.png"
     target.write_bytes(b"precious")
     target.chmod(0o444)
-    code, _, err = fewstep(capsys, "generate", "--prompt", "7", "-q", "--output", target)
+    code, _, err = generate(capsys, "--prompt", "7", "-q", "--output", target)
     assert_one_line_error(code, err, f"--output {target} is read-only")
     assert target.read_bytes() == b"precious" and files_in(tmp_path) == ["keep.png"]
     with pytest.raises(InputFileError, match="read-only"):
@@ -214,7 +219,7 @@ def test_read_only_output_is_refused_and_kept(capsys, tmp_path):
 ])
 def test_odd_output_paths(capsys, tmp_path, output, fragments):
     (tmp_path / "file.png").write_bytes(b"a file, not a folder")
-    code, _, err = fewstep(capsys, "generate", "--prompt", "7", "-q", "--metadata", "--output",
+    code, _, err = generate(capsys, "--prompt", "7", "-q", "--metadata", "--output",
                            tmp_path / output if output else "")
     assert_one_line_error(code, err, *fragments)
     assert files_in(tmp_path) == ["file.png"] and (tmp_path / "file.png").read_bytes() == b"a file, not a folder"
@@ -223,13 +228,13 @@ def test_odd_output_paths(capsys, tmp_path, output, fragments):
 def test_unwritable_folder_is_refused_before_sampling(capsys, monkeypatch):
     calls = []
     monkeypatch.setattr(EmbeddedModel, "generate_image", lambda *a, **k: calls.append(1))
-    code, _, err = fewstep(capsys, "generate", "--prompt", "7", "-q", "--output", "/proc/fewstep-test.png")
+    code, _, err = generate(capsys, "--prompt", "7", "-q", "--output", "/proc/fewstep-test.png")
     assert_one_line_error(code, err, "--output /proc/fewstep-test.png")
     assert calls == []
 
 
 def test_metadata_sidecar_sits_next_to_the_image(capsys, tmp_path):
-    code, out, _ = fewstep(capsys, "generate", "--prompt", "7", "--steps", "4", "--metadata", "--output",
+    code, out, _ = generate(capsys, "--prompt", "7", "--steps", "4", "--metadata", "--output",
                            tmp_path / "d.png")
     assert code == 0 and out == f"wrote {tmp_path / 'd.png'}\n"
     assert read_image(tmp_path / "d.png").format == "PNG"
@@ -240,15 +245,15 @@ def test_metadata_sidecar_sits_next_to_the_image(capsys, tmp_path):
                                                       (".png", "PNG")])
 def test_output_format_follows_the_suffix(capsys, tmp_path, suffix, image_format):
     out = tmp_path / f"d{suffix}"
-    assert fewstep(capsys, "generate", "--prompt", "2", "--steps", "4", "-q", "--output", out)[0] == 0
+    assert generate(capsys, "--prompt", "2", "--steps", "4", "-q", "--output", out)[0] == 0
     assert read_image(out).format == image_format and files_in(tmp_path) == [out.name]
 
 
 def test_output_directory_gets_seed_named_files(capsys, tmp_path):
-    assert fewstep(capsys, "generate", "--prompt", "2", "--steps", "4", "--seed", "5", "-q",
+    assert generate(capsys, "--prompt", "2", "--steps", "4", "--seed", "5", "-q",
                    "--output", f"{tmp_path / 'new'}/")[0] == 0
     assert files_in(tmp_path / "new") == ["image_5.png"]
-    assert fewstep(capsys, "generate", "--prompt", "2", "--steps", "4", "--seed", "6", "7", "-q",
+    assert generate(capsys, "--prompt", "2", "--steps", "4", "--seed", "6", "7", "-q",
                    "--output", tmp_path / "new")[0] == 0
     assert files_in(tmp_path / "new") == ["image_5.png", "image_6.png", "image_7.png"]
 
@@ -261,7 +266,7 @@ def test_ctrl_c_exits_130_without_traceback_or_partial_file(capsys, tmp_path, mo
         raise KeyboardInterrupt
 
     monkeypatch.setattr("fewstep.files.os.replace", interrupted)  # Ctrl-C in the middle of writing
-    code, _, err = fewstep(capsys, "generate", "--prompt", "7", "--steps", "4", "-q", "--metadata", "--output", target)
+    code, _, err = generate(capsys, "--prompt", "7", "--steps", "4", "-q", "--metadata", "--output", target)
     assert code == 130 and "interrupted" in err and "Traceback" not in err
     assert files_in(tmp_path) == ["old.png"] and target.read_bytes() == b"previous image"
 
@@ -273,21 +278,21 @@ def test_only_fewstep_errors_become_exit_2(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(EmbeddedModel, "generate_image", bug)
     with pytest.raises(ValueError, match="a bug"):
-        main(["generate", "--prompt", "7", "-q", "--output", str(tmp_path / "x.png")])
+        main(["generate", "--model", "digits", "--prompt", "7", "-q", "--output", str(tmp_path / "x.png")])
 
 
 def test_quiet_prints_nothing_and_embedded_model_uses_one_thread(capsys, tmp_path):
     torch.set_num_threads(2)
-    code, out, err = fewstep(capsys, "generate", "--prompt", "7", "--quiet", "--device", "cpu", "--output",
+    code, out, err = generate(capsys, "--prompt", "7", "--quiet", "--device", "cpu", "--output",
                              tmp_path / "q.png")
     assert (code, out, err) == (0, "", "") and torch.get_num_threads() == 1
-    code, out, err = fewstep(capsys, "generate", "--prompt", "7", "--output", tmp_path / "p.png")
+    code, out, err = generate(capsys, "--prompt", "7", "--output", tmp_path / "p.png")
     assert code == 0 and out.startswith("wrote") and "call" in err  # the progress bar without --quiet
     assert np.array_equal(np.asarray(read_image(tmp_path / "q.png")), np.asarray(read_image(tmp_path / "p.png")))
 
 
 def test_python_api_refuses_zero_instead_of_using_defaults():
-    model = load()
+    model = load("digits")
     for config, fragment in ((Config(num_inference_steps=0), "num_inference_steps"), (Config(height=0), "height"),
                              (Config(width=0), "width"), (Config(guidance=math.nan), "guidance")):
         with pytest.raises(InvalidInput, match=fragment):
@@ -337,7 +342,7 @@ def test_bad_solver_files_name_the_file_and_field(capsys, tmp_path, changes, fra
     path = _solver_file(tmp_path, **changes)
     out = tmp_path / "out"
     out.mkdir()
-    code, _, err = fewstep(capsys, "generate", "--prompt", "7", "--steps", "2", "--scheduler", "neuralsolver",
+    code, _, err = generate(capsys, "--prompt", "7", "--steps", "2", "--scheduler", "neuralsolver",
                            "--scheduler-kwargs", json.dumps({"solver_file": str(path)}), "-q",
                            "--output", out / "x.png")
     assert_one_line_error(code, err, f"solver file {path}", *fragments)
@@ -358,7 +363,7 @@ def test_unreadable_solver_files(capsys, tmp_path, content, fragments):
         os.mkfifo(path)
     else:
         path.write_bytes(content)
-    code, _, err = fewstep(capsys, "generate", "--prompt", "7", "--steps", "2", "--scheduler", "neuralsolver",
+    code, _, err = generate(capsys, "--prompt", "7", "--steps", "2", "--scheduler", "neuralsolver",
                            "--scheduler-kwargs", json.dumps({"solver_file": str(path)}), "-q",
                            "--output", tmp_path / "x.png")
     assert_one_line_error(code, err, f"solver file {path}", *fragments)
@@ -368,10 +373,10 @@ def test_unreadable_solver_files(capsys, tmp_path, content, fragments):
 def test_good_solver_file_and_a_step_count_it_lacks(capsys, tmp_path):
     path = _solver_file(tmp_path)
     kwargs = json.dumps({"solver_file": str(path)})
-    code, _, err = fewstep(capsys, "generate", "--prompt", "7", "--steps", "3", "--scheduler", "neuralsolver",
+    code, _, err = generate(capsys, "--prompt", "7", "--steps", "3", "--scheduler", "neuralsolver",
                            "--scheduler-kwargs", kwargs, "-q", "--output", tmp_path / "x.png")
     assert_one_line_error(code, err, f"solver file {path} has no 3-step solver; it has 2 steps")
-    assert fewstep(capsys, "generate", "--prompt", "7", "--steps", "2", "--scheduler", "neuralsolver",
+    assert generate(capsys, "--prompt", "7", "--steps", "2", "--scheduler", "neuralsolver",
                    "--scheduler-kwargs", kwargs, "-q", "--output", tmp_path / "x.png")[0] == 0
     assert files_in(tmp_path) == ["s.json", "x.png"]
     with pytest.raises(FileNotFoundError, match="no solver file"):  # still a FileNotFoundError for library callers

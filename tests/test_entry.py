@@ -32,7 +32,7 @@ def diffusers_t_start(n: int, strength: float) -> int:
 
 @pytest.fixture(scope="module")
 def embedded():
-    return EmbeddedModel()
+    return EmbeddedModel(kind="digits")
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,11 @@ def test_embedded_img2img_equals_the_diffusers_adapter(embedded, digit_file, mon
     if solver == "neuralsolver":
         with pytest.raises(InvalidInput, match=f"cannot start at timestep index {k} of {STEPS}") as ours:
             embedded.generate_image(5, "a seven", config)
+        from fewstep.search import shipped_solver
+
+        shipped = {"solver_file": str(shipped_solver("digits"))}  # what generate runs for neuralsolver on digits
         with pytest.raises(InvalidInput) as theirs:
-            adapter_img2img(embedded.net, clean, noise, 7, solver, {}, STEPS, strength)
+            adapter_img2img(embedded.net, clean, noise, 7, solver, shipped, STEPS, strength)
         assert str(ours.value) == str(theirs.value) and not calls
         return
     embedded.generate_image(5, "a seven", config)

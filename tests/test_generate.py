@@ -23,11 +23,16 @@ def fewstep(*args, cwd=None):
                           cwd=cwd, timeout=300)
 
 
+def generate_digits(*args, cwd=None):
+    """`fewstep generate` on the small digits model (tests of the default model name no --model)."""
+    return fewstep("generate", "--model", "digits", *args, cwd=cwd)
+
+
 @pytest.mark.parametrize("scheduler", ["euler", "linear", "adams2", "heun", "adams4"])
 def test_embedded_generation_writes_png_with_metadata(tmp_path, scheduler):
     out = tmp_path / "digit.png"
     steps = "6"
-    result = fewstep("generate", "--prompt", "a handwritten seven", "--steps", steps, "--scheduler", scheduler,
+    result = generate_digits("--prompt", "a handwritten seven", "--steps", steps, "--scheduler", scheduler,
                      "--seed", "3", "--output", str(out), "--metadata")
     assert result.returncode == 0, result.stderr
     image = read_image(out)
@@ -40,9 +45,9 @@ def test_embedded_generation_writes_png_with_metadata(tmp_path, scheduler):
 def test_same_seed_gives_identical_bytes_and_several_seeds_several_files(tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     for path in (a, b):
-        assert fewstep("generate", "--prompt", "3", "--seed", "11", "--output", str(path)).returncode == 0
+        assert generate_digits("--prompt", "3", "--seed", "11", "--output", str(path)).returncode == 0
     assert a.read_bytes() == b.read_bytes()
-    result = fewstep("generate", "--prompt", "zero", "--seed", "1", "2", "--output", str(tmp_path / "z_{seed}.png"))
+    result = generate_digits("--prompt", "zero", "--seed", "1", "2", "--output", str(tmp_path / "z_{seed}.png"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "z_1.png").exists() and (tmp_path / "z_2.png").exists()
     assert (tmp_path / "z_1.png").read_bytes() != (tmp_path / "z_2.png").read_bytes()
@@ -59,7 +64,7 @@ def test_same_seed_gives_identical_bytes_and_several_seeds_several_files(tmp_pat
     (["--prompt", "7", "--scheduler", "euler", "--scheduler-kwargs", "{\"order\": 2}"], "no option 'order'"),
 ])
 def test_bad_input_gives_one_clear_line_and_exit_code_2(tmp_path, args, message):
-    result = fewstep("generate", *args, "--output", str(tmp_path / "x.png"))
+    result = generate_digits(*args, "--output", str(tmp_path / "x.png"))
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())  # nothing half-written
@@ -68,9 +73,28 @@ def test_bad_input_gives_one_clear_line_and_exit_code_2(tmp_path, args, message)
 def test_python_api_embedded_model(tmp_path):
     import fewstep as fs
 
-    image = fs.load().generate_image(seed=5, prompt="digit 4", config=fs.Config(num_inference_steps=8))
+    image = fs.load("digits").generate_image(seed=5, prompt="digit 4", config=fs.Config(num_inference_steps=8))
     path = image.save(tmp_path / "four.png")
     assert read_image(path).size == image.image.size
+
+
+def test_default_model_is_the_embedded_fashion_model(tmp_path):
+    """No --model: the Fashion-MNIST model, its defaults (8 steps, guidance 3), a 28×28 image upscaled for viewing;
+    the classifier that ships with it recognises the requested class in the pixels written."""
+    import numpy as np
+    import torch
+
+    from fewstep.models.fashion import CLASSES, load_classifier
+
+    out = tmp_path / "sneaker.png"
+    result = fewstep("generate", "--prompt", "a sneaker", "--seed", "2", "--quiet", "--output", str(out), "--metadata")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["model"] == "embedded-fashion" and meta["steps"] == 8 and meta["guidance"] == 3.0
+    grey = np.asarray(read_image(out).convert("L").resize((28, 28), Image.BOX), dtype=np.float32)
+    x = torch.from_numpy(grey / 127.5 - 1.0).reshape(1, 1, 28, 28)
+    with torch.no_grad():
+        assert CLASSES[int(load_classifier()(x).argmax())] == "sneaker"
 
 
 def test_stork_docs_order_kwarg_picks_the_solver():
@@ -78,7 +102,7 @@ def test_stork_docs_order_kwarg_picks_the_solver():
     same solver as the plain name: identical pixels."""
     import fewstep as fs
 
-    model = fs.load()
+    model = fs.load("digits")
 
     def pixels(scheduler, kwargs):
         config = fs.Config(num_inference_steps=6, scheduler=scheduler, scheduler_kwargs=kwargs)
@@ -95,7 +119,7 @@ def test_neuralsolver_on_the_embedded_model_uses_its_shipped_search():
     import fewstep as fs
     from fewstep.search import shipped_solver
 
-    model = fs.load()
+    model = fs.load("digits")
 
     def pixels(kwargs):
         config = fs.Config(num_inference_steps=6, scheduler="neuralsolver", scheduler_kwargs=kwargs)

@@ -5,7 +5,7 @@
                                                        config=Config(num_inference_steps=4, scheduler="stork-2"))
     image.save("fox.png")
 
-`fewstep.load()` (no argument) gives the embedded digits model with the same `generate_image`.
+`fewstep.load()` (no argument) gives the embedded Fashion-MNIST model with the same `generate_image`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ MAX_STEPS = 1000  # model calls; more is never few-step sampling and usually a t
 MAX_SIDE = 4096  # pixels per side, checked before anything is allocated
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range for non-negative seeds
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # output suffix → PIL format
-EMBEDDED_NAMES = ("embedded", *EMBEDDED)  # "embedded" = digits; the others name a module in fewstep.models.EMBEDDED
+DEFAULT_EMBEDDED = "fashion"  # the model `fewstep generate` runs when none is named (docs/fashion.md)
+EMBEDDED_NAMES = ("embedded", *EMBEDDED)  # "embedded" = DEFAULT_EMBEDDED; the others name a module in EMBEDDED
 DEVICES = ("cpu", "cuda", "mps")
 
 
@@ -263,14 +264,14 @@ def _metadata(model: str, prompt: str, seed: int, config: Config, steps: int, gu
 
 class EmbeddedModel:
     """A class-conditional flow model that ships inside the package: `kind` names its module in
-    `fewstep.models.EMBEDDED` (digits: `fewstep.models.digits`, the default; fashion: `fewstep.models.fashion`)."""
+    `fewstep.models.EMBEDDED` (fashion: `fewstep.models.fashion`, the default; digits: `fewstep.models.digits`)."""
 
-    name = "embedded-digits"
+    name = f"embedded-{DEFAULT_EMBEDDED}"
     default_steps = 8
     default_guidance = 1.0
     progress = True  # a progress bar while sampling (`fewstep generate --quiet` turns it off)
 
-    def __init__(self, device: str = "cpu", kind: str = "digits") -> None:
+    def __init__(self, device: str = "cpu", kind: str = DEFAULT_EMBEDDED) -> None:
         from fewstep.models import embedded
 
         self.kind, self.module = kind, embedded(kind)
@@ -453,13 +454,14 @@ def check_model_name(model: str | None) -> None:
 
 
 def embedded_kind(model: str | None) -> str:
-    """The `fewstep.models.EMBEDDED` name of an embedded `--model` (none and "embedded" mean digits)."""
-    return "digits" if model in (None, "embedded") else model
+    """The `fewstep.models.EMBEDDED` name of an embedded `--model` (none and "embedded" mean DEFAULT_EMBEDDED)."""
+    return DEFAULT_EMBEDDED if model in (None, "embedded") else model
 
 
 def load(model: str | None = None, device: str | None = None) -> EmbeddedModel | DiffusersModel:
-    """The embedded digits model (no argument), an alias (schnell, dev, qwen, sd3), a hub id or a local path, on
-    `device` (cpu, cuda, mps; default: the CPU for the embedded model, the best available for a pipeline)."""
+    """The embedded Fashion-MNIST model (no argument; "digits": the digits model), an alias (schnell, dev, qwen, sd3),
+    a hub id or a local path, on `device` (cpu, cuda, mps; default: the CPU for the embedded model, the best available
+    for a pipeline)."""
     check_model_name(model)
     if model is None or model in EMBEDDED_NAMES:
         return EmbeddedModel(pick_device(device) if device is not None else "cpu", embedded_kind(model))
@@ -499,7 +501,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None,
                         help=f"alias ({', '.join(ALIASES)}), embedded model ({', '.join(EMBEDDED)}), Hugging Face id "
                              "(owner/name, from the local cache: `hf download ID` first) or local path; default: the "
-                             "embedded digits model")
+                             "embedded Fashion-MNIST model (--model digits: the 8×8 digits model)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--steps", type=int, default=None, help=f"model calls, 1-{MAX_STEPS} (default per model: "
                         "embedded 8, schnell 4, dev 25, qwen 20, sd3 28)")
@@ -642,7 +644,7 @@ def run(args: argparse.Namespace) -> int:
 
         # The digits MLP is tiny: more intra-op threads only add overhead (~70 ms a call instead of 1-14 ms on a
         # many-core machine); the fashion U-Net gains from a few.
-        small = args.model in (None, "embedded", "digits")
+        small = embedded_kind(args.model) == "digits"
         torch.set_num_threads(1 if small else max(1, min(4, os.cpu_count() or 1)))
     model = load(args.model, args.device)
     model.progress = not args.quiet
