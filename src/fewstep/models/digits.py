@@ -53,6 +53,30 @@ def sinusoidal(sigma: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
+def guided_velocity(net: nn.Module, labels: torch.Tensor | int, guidance: float, null_class: int,
+                    net_shape: tuple[int, ...] | None = None) -> Velocity:
+    """`model(x, sigma) -> v` for `fewstep.sample` from a class-conditional `net(x, sigma, labels)`: one label for the
+    whole batch or one per sample; states are reshaped to (B, *net_shape) for the network and v has the shape of x.
+    With guidance g ≠ 1, classifier-free guidance v_null + g·(v_cond − v_null) in one batched forward."""
+    param = next(net.parameters())
+    labels = torch.as_tensor(labels, dtype=torch.long, device=param.device).reshape(-1)
+
+    def model(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        h = x.to(param.device, param.dtype)
+        if net_shape is not None:
+            h = h.reshape(-1, *net_shape)
+        s = torch.as_tensor(sigma, dtype=param.dtype, device=param.device)
+        lab = labels.expand(len(h)) if labels.numel() == 1 else labels
+        if guidance == 1.0:
+            v = net(h, s, lab)
+        else:
+            cond, null = net(torch.cat([h, h]), s, torch.cat([lab, torch.full_like(lab, null_class)])).chunk(2)
+            v = null + guidance * (cond - null)
+        return v.reshape(x.shape).to(x.device, x.dtype)
+
+    return model
+
+
 class DigitsFlow(nn.Module):
     """Residual MLP velocity network; σ and the class (10 = null) condition every block through an added vector."""
 
@@ -78,23 +102,8 @@ class DigitsFlow(nn.Module):
         return self.out(h)
 
     def velocity_fn(self, labels: torch.Tensor | int, guidance: float = 1.0) -> Velocity:
-        """`model(x, sigma) -> v` for `fewstep.sample`: one label for the whole batch or one per sample. With
-        guidance g ≠ 1, classifier-free guidance v_null + g·(v_cond − v_null) in one batched forward."""
-        param = next(self.parameters())
-        labels = torch.as_tensor(labels, dtype=torch.long, device=param.device).reshape(-1)
-
-        def model(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-            h = x.to(param.device, param.dtype)
-            s = torch.as_tensor(sigma, dtype=param.dtype, device=param.device)
-            lab = labels.expand(len(h)) if labels.numel() == 1 else labels
-            if guidance == 1.0:
-                v = self(h, s, lab)
-            else:
-                cond, null = self(torch.cat([h, h]), s, torch.cat([lab, torch.full_like(lab, NULL_CLASS)])).chunk(2)
-                v = null + guidance * (cond - null)
-            return v.to(x.device, x.dtype)
-
-        return model
+        """`model(x, sigma) -> v` for `fewstep.sample` (see `guided_velocity`)."""
+        return guided_velocity(self, labels, guidance, NULL_CLASS)
 
 
 class DigitsClassifier(nn.Module):

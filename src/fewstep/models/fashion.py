@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fewstep.errors import InvalidInput
-from fewstep.models.digits import frechet_distance, load_network, sinusoidal
+from fewstep.models.digits import frechet_distance, guided_velocity, load_network, sinusoidal
 
 SIDE = 28
 DIM = SIDE * SIDE
@@ -167,21 +167,7 @@ class FashionFlow(nn.Module):
         """`model(x, sigma) -> v` for `fewstep.sample` on (B, 1, 28, 28) or flattened (B, 784) states (v has the
         shape of x): one label for the whole batch or one per sample. With guidance g ≠ 1, classifier-free guidance
         v_null + g·(v_cond − v_null) in one batched forward."""
-        param = next(self.parameters())
-        labels = torch.as_tensor(labels, dtype=torch.long, device=param.device).reshape(-1)
-
-        def model(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-            h = x.to(param.device, param.dtype).reshape(-1, 1, SIDE, SIDE)
-            s = torch.as_tensor(sigma, dtype=param.dtype, device=param.device)
-            lab = labels.expand(len(h)) if labels.numel() == 1 else labels
-            if guidance == 1.0:
-                v = self(h, s, lab)
-            else:
-                cond, null = self(torch.cat([h, h]), s, torch.cat([lab, torch.full_like(lab, NULL_CLASS)])).chunk(2)
-                v = null + guidance * (cond - null)
-            return v.reshape(x.shape).to(x.device, x.dtype)
-
-        return model
+        return guided_velocity(self, labels, guidance, NULL_CLASS, (1, SIDE, SIDE))
 
 
 class FashionClassifier(nn.Module):
