@@ -110,7 +110,7 @@ def train_classifier(epochs: int, batch: int, lr: float, weight_decay: float,
 
 
 EVAL = {"samples": 500, "seed": 1, "guidances": (1.0, 3.0), "solvers": ("euler", "heun", "adams2", "adams3", "adams4",
-        "stork-2", "stork-4"), "nfe": (6, 8), "reference_steps": 100}
+        "adams-denoise", "stork-2", "stork-4"), "nfe": (6, 8), "reference_steps": 100}
 
 
 def evaluate(samples: int, seed: int, guidances: tuple[float, ...], solvers: tuple[str, ...], nfe: tuple[int, ...],
