@@ -288,10 +288,7 @@ class EmbeddedModel:
 
         config = config or Config()
         steps, guidance = check_config(config, self.default_steps, self.default_guidance)
-        try:
-            label = self.module.parse_prompt(prompt)
-        except ValueError as err:  # the prompt names no digit, or several
-            raise InvalidInput(str(err)) from None
+        label = self.module.parse_prompt(prompt)  # InvalidInput when it names no class, or several
         _check_seed(seed)
         solver, options = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
         options = with_shipped_solver(solver, options, self.kind)

@@ -173,17 +173,23 @@ def parse_prompt(text: str) -> int:
 def to_image(x: torch.Tensor, scale: int = 8, nrow: int | None = None):
     """(64,) or (B, 64) samples → a greyscale PIL image, ink dark on white, each digit nearest-upscaled to
     8·scale pixels; a batch becomes a grid of `nrow` digits per row (default: about square) with grey 1-pixel gaps."""
-    from PIL import Image
-
     digits = x.detach().float().cpu().reshape(-1, 8, 8).clamp(-1, 1)
     pixels = ((1 - digits) / 2 * 255).round().to(torch.uint8).numpy()  # +1 (ink) → 0 (black)
+    return image_grid(pixels, scale, nrow, gap=1, background=160)
+
+
+def image_grid(pixels: np.ndarray, scale: int, nrow: int | None, gap: int, background: int):
+    """(B, H, W) uint8 images → one greyscale PIL image: each nearest-upscaled by `scale`, `nrow` per row (default:
+    about square), `gap` pixels of grey `background` between them (none for a single image)."""
+    from PIL import Image
+
     cells = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
     nrow = min(nrow or math.ceil(math.sqrt(len(cells))), len(cells))
     rows = math.ceil(len(cells) / nrow)
-    side = 8 * scale
-    gap = 1 if len(cells) > 1 else 0
-    grid = np.full((rows * (side + gap) - gap, nrow * (side + gap) - gap), 160, dtype=np.uint8)
+    height, width = cells.shape[1:]
+    gap = gap if len(cells) > 1 else 0
+    grid = np.full((rows * (height + gap) - gap, nrow * (width + gap) - gap), background, dtype=np.uint8)
     for i, cell in enumerate(cells):
         r, c = divmod(i, nrow)
-        grid[r * (side + gap):r * (side + gap) + side, c * (side + gap):c * (side + gap) + side] = cell
+        grid[r * (height + gap):r * (height + gap) + height, c * (width + gap):c * (width + gap) + width] = cell
     return Image.fromarray(grid, mode="L")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import os
 import re
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fewstep.errors import InvalidInput
-from fewstep.models.digits import frechet_distance, guided_velocity, load_network, sinusoidal
+from fewstep.models.digits import frechet_distance, guided_velocity, image_grid, load_network, sinusoidal
 
 SIDE = 28
 DIM = SIDE * SIDE
@@ -241,20 +240,9 @@ def to_image(x: torch.Tensor, scale: int = 8, nrow: int | None = None):
     """(784,), (B, 784) or (B, 1, 28, 28) samples → a greyscale PIL image as Fashion-MNIST shows them (cloth light
     on black), each image nearest-upscaled to 28·scale pixels; a batch becomes a grid of `nrow` images per row
     (default: about square) with grey 2-pixel gaps."""
-    from PIL import Image
-
     images = x.detach().float().cpu().reshape(-1, SIDE, SIDE).clamp(-1, 1)
     pixels = ((images + 1) / 2 * 255).round().to(torch.uint8).numpy()
-    cells = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
-    nrow = min(nrow or math.ceil(math.sqrt(len(cells))), len(cells))
-    rows = math.ceil(len(cells) / nrow)
-    side = SIDE * scale
-    gap = 2 if len(cells) > 1 else 0
-    grid = np.full((rows * (side + gap) - gap, nrow * (side + gap) - gap), 128, dtype=np.uint8)
-    for i, cell in enumerate(cells):
-        r, c = divmod(i, nrow)
-        grid[r * (side + gap):r * (side + gap) + side, c * (side + gap):c * (side + gap) + side] = cell
-    return Image.fromarray(grid, mode="L")
+    return image_grid(pixels, scale, nrow, gap=2, background=128)
 
 
 def image_to_x(path: str):
