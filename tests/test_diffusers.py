@@ -3,7 +3,9 @@
 import copy
 import inspect
 import json
+import math
 import os
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -741,3 +743,23 @@ def test_overhead_rows_and_markdown():
     # the default list: every solver that can make 28 calls with default options (the NeuralSolver tables stop at 10)
     assert _measurable(None, 28) == [n for n in SOLVERS if n != "neuralsolver"]
     assert "neuralsolver" in _measurable(None, 8)
+
+
+def test_solver_file_of_another_grid_warns_once_per_scheduler():
+    """A solver file searched on the shift-3 grid warns (once per scheduler, at set_timesteps) when the config samples
+    on another shift or μ; the same grid, or a file that does not record its grid, stays silent."""
+    from fewstep.search import GridMismatchWarning, shipped_solver
+
+    shift3 = str(shipped_solver("digits", 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = NeuralSolverScheduler(solver_file=shift3)  # shift 1
+        s.set_timesteps(6)
+        s.set_timesteps(8)
+        NeuralSolverScheduler(solver_file=shift3, shift=3.0).set_timesteps(6)
+        NeuralSolverScheduler(solver_file=shift3, **FLUX_DEV).set_timesteps(6, mu=math.log(3.0))
+        NeuralSolverScheduler(solver_file=shift3, **FLUX_DEV).set_timesteps(6, mu=0.5)
+        NeuralSolverScheduler(solver_file="flowdcn", shift=3.0).set_timesteps(6)
+    grid = [w for w in caught if issubclass(w.category, GridMismatchWarning)]
+    assert [str(w.message).split("sampling asks for ")[1].split(":")[0] for w in grid] == ["shift 1", "shift 1.64872"]
+    assert all("shift-3 grid" in str(w.message) and w.filename == __file__ for w in grid)

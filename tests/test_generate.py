@@ -130,6 +130,21 @@ def test_neuralsolver_on_the_embedded_model_uses_its_shipped_search():
     assert pixels({}) == pixels({"solver_file": str(shipped)}) != pixels({"solver_file": "sit"})
 
 
+def test_solver_file_of_another_grid_gives_one_warning_line(tmp_path):
+    """The shift-3 digits solver used by the embedded model (which samples unshifted): one warning line for two seeds;
+    the shift-1 file: none."""
+    from fewstep.search import shipped_solver
+
+    for shift, warned in ((3, True), (1, False)):
+        kwargs = json.dumps({"solver_file": str(shipped_solver("digits", shift))})
+        result = generate_digits("--prompt", "7", "--steps", "6", "--seed", "1", "2", "--scheduler", "neuralsolver",
+                                 "--scheduler-kwargs", kwargs, "--output", str(tmp_path / "d.png"), "-q")
+        assert result.returncode == 0, result.stderr
+        expected = ("fewstep generate: warning: solver file " in result.stderr and "shift-3 grid, sampling asks for "
+                    "shift 1" in result.stderr and result.stderr.count("\n") == 1)
+        assert expected if warned else result.stderr == "", result.stderr
+
+
 def test_solvers_command_lists_every_solver():
     from fewstep import solvers
 

@@ -298,7 +298,7 @@ def test_shipped_solver_lookup_and_grid_warning():
 def test_torchrun_two_gloo_processes_find_the_same_solver(tmp_path):
     """`torchrun --nproc-per-node 2 -m fewstep search` (gloo on CPU): the teacher chunks and every minibatch are
     split between the processes and the gradients all-reduced; the solver equals one process's to 1e-6 and the file
-    records each process's model calls."""
+    records each process's model calls. With --teacher-bank the same, the bank written to disk by both."""
     import subprocess
 
     args = ["--model", "gmm2d", "--steps", "3,4", "--iterations", "20", "--batch", "16", "--samples", "64",
@@ -321,7 +321,16 @@ def test_torchrun_two_gloo_processes_find_the_same_solver(tmp_path):
     assert all(0 < s["teacher"] < pa["model_calls"]["teacher"] for s in shares)  # each solved only its chunks
     assert sum(s["teacher"] for s in shares) == pa["model_calls"]["teacher"]
     assert [s["training"] for s in shares] == [pa["model_calls"]["training"] // 2] * 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "two.json"]
+    # --teacher-bank: both processes write their chunks into one folder on disk and map it
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
+                    "fewstep", "search", *args, "--out", str(tmp_path / "disk.json"), "--teacher-bank",
+                    str(tmp_path / "bank")], check=True, env=env, timeout=600, capture_output=True)
+    disk = SolverFile.load(tmp_path / "disk.json")
+    for n in (3, 4):
+        for x, y in zip(b.steps[n], disk.steps[n], strict=True):
+            assert np.array_equal(x, y)
+    assert disk.provenance["model_calls"]["per_process"] == shares
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank", "disk.json", "one.json", "two.json"]
 
 
 def test_half_precision_teacher_bank():
@@ -341,3 +350,58 @@ def test_without_validation_noises_the_last_parameters_are_kept():
     found = S.search_target(target, 3, **options)
     info = found.provenance["steps"]["3"]
     assert info["best_iteration"] == 24 and np.isnan(info["validation_rmse"])
+
+
+def test_teacher_bank_on_disk_gives_the_same_solver_and_is_reused(tmp_path):
+    """--teacher-bank: the bank is written to a folder (memory-mapped, read a minibatch at a time), the solver is
+    bit-identical to the in-memory bank's, a second search reuses it without a teacher call, and an interrupted search
+    resumes from a checkpoint that holds no trajectories."""
+    g = preset("gmm2d")
+    seen = [0]
+
+    def model(x, s):
+        seen[0] += len(x)
+        return g.velocity(x, s)
+
+    target = S.plain_target(model, (2,), "counted")
+    memory = S.search_target(target, 3, **small())
+    path = tmp_path / "bank"
+    seen[0] = 0
+    first = S.search_target(target, 3, **small(), teacher_bank=path)
+    assert seen[0] == first.provenance["model_calls"]["total"] == memory.provenance["model_calls"]["total"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank"]  # no temporary folder left
+    assert json.loads((path / "bank.json").read_text())["teacher_calls"] == memory.provenance["model_calls"]["teacher"]
+    seen[0] = 0
+    ckpt = tmp_path / "s.json.ckpt"
+    with pytest.raises(S.Interrupted):
+        S.search_target(target, 3, **small(), teacher_bank=path, checkpoint=ckpt, stop=lambda: seen[0] > 1000)
+    assert torch.load(ckpt, weights_only=False)["bank"].t_states is None
+    second = S.search_target(target, 3, **small(), teacher_bank=path, checkpoint=ckpt)
+    calls = second.provenance["model_calls"]
+    assert calls["teacher"] == 0 and seen[0] == calls["total"] == calls["training"] + calls["validation"]
+    for found in (first, second):
+        for a, b in zip(memory.steps[3], found.steps[3], strict=True):
+            assert np.array_equal(a, b)
+    bank = S.make_bank(target, 48, 16, 0, teacher_points=40, path=path)
+    assert isinstance(bank.t_states, np.memmap) and bank.teacher_calls == 0
+
+
+def test_teacher_bank_of_another_search_or_damaged_is_refused_in_one_line(tmp_path, capsys):
+    path = tmp_path / "bank"
+    args = ["--model", "gmm2d", "--steps", 3, "--iterations", 2, "--batch", 8, "--samples", 16, "--validation", 8,
+            "--teacher", "euler:10", "--teacher-points", 10, "--restarts", 1, "-q", "--teacher-bank", path]
+    out = tmp_path / "s.json"
+    assert _cli(*args, "--out", out) == 0
+    for change, message in ((["--seed", 1], "holds the teacher bank of another search (seed 0 there, 1 here)"),
+                            (["--teacher-dtype", "float16"], "(dtype \"float64\" there, \"float16\" here)")):
+        assert _cli(*args, *change, "--out", tmp_path / "x.json") == 2
+        err = capsys.readouterr().err
+        assert f"--teacher-bank {path} " in err and message in err and err.count("\n") == 1
+    teacher = path / "teacher.npy"
+    teacher.write_bytes(teacher.read_bytes()[:-8])  # truncated
+    assert _cli(*args, "--out", tmp_path / "x.json") == 2
+    err = capsys.readouterr().err
+    assert f"--teacher-bank {path}: not a readable teacher bank" in err and err.count("\n") == 1
+    assert _cli(*args[:-1], out, "--out", tmp_path / "x.json") == 2  # a file, not a folder
+    assert "is not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

@@ -25,6 +25,7 @@ travel along as hidden config. A config dict, a FrozenDict or a saved config fol
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,8 @@ from fewstep.entry import enter, epsilon_plan, flow_time, vp_scale
 from fewstep.errors import InvalidInput
 from fewstep.sampling import resolve_solver
 from fewstep.schedules import flow_sigmas, resample_grid
+from fewstep.search import GridMismatchWarning, grid_mismatch
+from fewstep.solvers.neuralsolver import NeuralSolver
 from fewstep.solvers.plan import PlanRun, grid_plan, intervals_for
 from fewstep.solvers.registry import RECOMMENDED
 
@@ -142,6 +145,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._run = None
         self._offset = 0
         self._repeat_at = None
+        self._grid_warned = False
         # Every schedule key explicit (so it survives a trip through another scheduler's config), and the shift under
         # the name UniPC / DPM-Solver read in flow mode.
         defaults = self.config.get("_use_default_values", [])
@@ -239,6 +243,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 f"num_train_timesteps={cfg.num_train_timesteps} and beta_end={cfg.beta_end}); a searched solver's grid "
                 "is fixed, so num_train_timesteps and the betas must be the model's own (1000 and 0.02 for DiT, "
                 "PixArt, SD)")
+        if not self._epsilon and timesteps is None:
+            self._warn_grid(mu)
         self._grid = np.asarray(grid, dtype=np.float64)
         self._plan = plan  # in flow variables; `_start_at` rewrites the plan it runs for ε models
         t = self._timestep_of(plan.sigmas) if self._epsilon else plan.sigmas * cfg.num_train_timesteps
@@ -250,6 +256,21 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._repeat_at = None
         self._start_at(0)
+
+    def _warn_grid(self, mu: float | None) -> None:
+        """Warn once per scheduler when a searched solver file was searched on another grid than this config's shift
+        / mu: the file's own grid runs, so the config's shift has no effect (`fewstep.search.grid_mismatch`)."""
+        if self._grid_warned or not isinstance(self._solver, NeuralSolver):
+            return
+        cfg = self.config
+        if cfg.use_dynamic_shifting:  # the grid's shift is e^μ, or μ itself with a linear time shift
+            shift, mu = (mu, None) if cfg.time_shift_type == "linear" else (1.0, mu)
+        else:
+            shift, mu = self._shift, None
+        text = grid_mismatch(self._solver.file, shift, mu)
+        if text:
+            self._grid_warned = True
+            warnings.warn(text, GridMismatchWarning, stacklevel=3)
 
     def _intervals(self, calls: int) -> int:
         return intervals_for(self._solver, int(calls), self._solver_name)

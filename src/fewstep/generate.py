@@ -18,6 +18,8 @@ import math
 import os
 import stat
 import sys
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,6 +294,13 @@ class EmbeddedModel:
         _check_seed(seed)
         solver, options = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
         options = with_shipped_solver(solver, options, self.kind)
+        if solver == "neuralsolver":  # a file searched on a shifted grid: the embedded models sample unshifted
+            from fewstep.search import GridMismatchWarning, grid_mismatch
+            from fewstep.solvers.neuralsolver import neuralsolver
+
+            text = grid_mismatch(neuralsolver(**options).file, 1.0)
+            if text:
+                warnings.warn(text, GridMismatchWarning, stacklevel=2)
         noise = torch.randn(1, self.dim, generator=torch.Generator().manual_seed(seed))
         model = self.net.velocity_fn(torch.tensor([label]), guidance)
         begin = 0
@@ -597,6 +606,27 @@ def output_paths(template: str, seeds: list[int]) -> list[Path]:
     return paths
 
 
+def _one_line_grid_warnings(show: Callable) -> Callable:
+    """A `warnings.showwarning` that prints a GridMismatchWarning (the embedded model's or the diffusers scheduler's)
+    as one `fewstep generate: warning:` line, as the command reports everything, once per run (each seed warns again:
+    the pipeline gets a new scheduler, and the default filter's once-per-place memory is reset whenever a library
+    changes the filters), and passes the others to `show`."""
+    from fewstep.search import GridMismatchWarning
+
+    shown: set[str] = set()
+
+    def showwarning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                    line: str | None = None) -> None:
+        if issubclass(category, GridMismatchWarning):
+            if str(message) not in shown:
+                shown.add(str(message))
+                print(f"fewstep generate: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 def run(args: argparse.Namespace) -> int:
     from fewstep.files import check_output
 
@@ -649,10 +679,12 @@ def run(args: argparse.Namespace) -> int:
     if args.model == "dev" and args.steps is None and solver != "euler" and not args.quiet:
         print(f"fewstep generate: note: dev defaults to {ALIASES['dev'].steps} steps (its Euler setting); with {solver}"
               " 10-15 usually suffice (--steps)", file=sys.stderr)
-    for seed, output in zip(args.seed, outputs, strict=True):
-        path = model.generate_image(seed, args.prompt, config).save(output, export_json_metadata=args.metadata)
-        if not args.quiet:
-            print(f"wrote {path}")
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_grid_warnings(warnings.showwarning)
+        for seed, output in zip(args.seed, outputs, strict=True):
+            path = model.generate_image(seed, args.prompt, config).save(output, export_json_metadata=args.metadata)
+            if not args.quiet:
+                print(f"wrote {path}")
     return 0
 
 

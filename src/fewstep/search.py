@@ -21,6 +21,8 @@ Model calls are counted in single samples (a batch of 64 is 64 calls) and record
 teacher, training and validation, per process. A search checkpoints to `<out>.ckpt` and resumes from it (Ctrl-C
 exits 130 and leaves the checkpoint; the solver file is written only when the whole search is done, atomically).
 Under torchrun the teacher chunks and each minibatch are split between the processes and the gradients all-reduced.
+`teacher_bank=` / `--teacher-bank DIR` keeps the teacher trajectories in a folder on disk, memory-mapped, instead of
+in RAM (written once, reused by later searches of the same bank).
 
 Also the `fewstep search` subcommand (`add_arguments`, `run`).
 """
@@ -35,10 +37,11 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,11 @@ TEACHER_POINTS = 200
 RESTART_SHIFT = 3.0  # the third restart starts on a grid shifted 3× more than the requested one
 CHECKPOINT_SECONDS = 30.0
 TEACHER_CHUNK = 1024
+# A teacher chunk's float64 trajectories are what the solve holds in memory at once: big latents get fewer samples per
+# chunk (1 GiB: 4 Flux-size samples at 200 points), so that a bank on disk never has to fit in RAM.
+TEACHER_CHUNK_BYTES = 2**30
+BANK_FORMAT = "fewstep teacher bank 1"
+BANK_DTYPES = {"float64": np.float64, "float32": np.float32, "float16": np.float16}
 
 
 # ----------------------------------------------------------------------------------------------------------- targets
@@ -345,6 +353,21 @@ def _interpolate(sigmas: Any, states: Any, sigma: Any) -> Any:
     return (1 - w) * states[k].to(torch.float64) + w * states[k + 1].to(torch.float64)
 
 
+class _Picked:
+    """Stored teacher states (a tensor, or a memory-mapped array on disk) of the minibatch rows `pick`, read one σ
+    point at a time when indexed: `_interpolate` needs only the two points around each σ_i, so a minibatch reads 2N
+    slices of (batch, *shape), never the whole trajectories."""
+
+    def __init__(self, states: Any, pick: Any) -> None:
+        self.states = states
+        self.pick = pick.numpy() if isinstance(states, np.ndarray) else pick
+
+    def __getitem__(self, k: int) -> Any:
+        import torch
+
+        return torch.as_tensor(self.states[k][self.pick])
+
+
 def _with_time_gradient(model: Callable, x: Any, sigma: Any, h: float = 1e-5) -> Any:
     """model(x, σ) with ∂v/∂σ attached by a one-sided finite difference: the model takes σ as a float, but Δt must
     also get its gradient through where the model is evaluated (the paper: "t_i fed to the model"); without it the grid
@@ -617,7 +640,8 @@ def _run_candidate(model: Callable, bank: _Bank, cand: dict, until: int, total: 
         if len(pick):
             states, sigmas = _rollout(lambda x, s, idx=idx: f(x, s, idx), bank.train_noise[pick], cand["logits"],
                                       cand["coeffs"], mask, h=cfg.time_h)
-            targets = [_interpolate(bank.t_sigmas, bank.t_states[:, pick], s) for s in sigmas]
+            rows = _Picked(bank.t_states, pick)
+            targets = [_interpolate(bank.t_sigmas, rows, s) for s in sigmas]
             value = _loss(cfg.loss, states, targets, batch)
         else:
             value = 0.0 * (cand["logits"].sum() + cand["coeffs"].sum())
@@ -711,14 +735,21 @@ def _search_steps(model: Callable, bank: _Bank, steps: int, cfg: SearchConfig, s
 
 
 def make_bank(target: Target, samples: int, validation: int, seed: int, teacher: str = DEFAULT_TEACHER,
-              teacher_points: int = TEACHER_POINTS, teacher_dtype: Any = None, chunk: int = TEACHER_CHUNK) -> _Bank:
+              teacher_points: int = TEACHER_POINTS, teacher_dtype: Any = None, chunk: int = TEACHER_CHUNK,
+              path: str | os.PathLike | None = None) -> _Bank:
     """Draw `samples` training and `validation` held-out noises (independent streams of `seed`) and solve the
     teacher from them, `chunk` samples at a time (each chunk one ODE system, so the bank does not depend on the number
-    of processes); training states are stored in `teacher_dtype` (default float64). The teacher's model calls are
-    this process's."""
+    of processes; fewer for big samples, `TEACHER_CHUNK_BYTES`); training states are stored in `teacher_dtype`
+    (default float64). The teacher's model calls are this process's.
+
+    `path` (`--teacher-bank`): a folder that holds the bank on disk. The training trajectories are memory-mapped there
+    and read a minibatch at a time (never loaded whole); the validation finals are read into memory. If the folder
+    does not exist the teacher is solved into it (each process its chunks); if it holds this bank it is reused without
+    a model call; otherwise InvalidInput / InputFileError naming --teacher-bank."""
     import torch
 
     dtype = teacher_dtype or torch.float64
+    chunk = max(1, min(chunk, TEACHER_CHUNK_BYTES // ((teacher_points + 1) * int(np.prod(target.shape)) * 8)))
     gen = torch.Generator().manual_seed(int(seed))
     train = torch.randn(samples, *target.shape, generator=gen, dtype=torch.float64)
     val_gen = torch.Generator().manual_seed(int(seed) + 0x5EED)
@@ -728,15 +759,30 @@ def make_bank(target: Target, samples: int, validation: int, seed: int, teacher:
     calls = [0]
     rank, world = _world()
     jobs = [("train", a) for a in range(0, samples, chunk)] + [("val", a) for a in range(0, validation, chunk)]
-    results: dict[tuple[str, int], Any] = {}
-    for j, (part, a) in enumerate(jobs):  # with several processes, each solves every world-th chunk
-        if j % world != rank:
-            continue
+
+    def solve(part: str, a: int) -> Any:
         noise, index = (train, train_index) if part == "train" else (val, val_index)
         idx = index[a:a + chunk]
         states = teacher_bank(lambda x, s, idx=idx: target.velocity(x, s, idx), noise[a:a + chunk], teacher,
                               teacher_points, calls)[1]
-        results[part, a] = states.to(dtype) if part == "train" else states[-1]
+        return states.to(dtype) if part == "train" else states[-1]
+
+    sigmas = torch.linspace(1.0, 0.0, teacher_points + 1, dtype=torch.float64)
+    if path is not None:
+        name = str(dtype).removeprefix("torch.")
+        if name not in BANK_DTYPES:
+            raise ValueError(f"a teacher bank on disk stores {', '.join(BANK_DTYPES)}, not {name}")
+        meta = json.loads(json.dumps({"format": BANK_FORMAT, "model": target.info or target.name,
+                                      "shape": list(target.shape), "samples": samples, "validation": validation,
+                                      "seed": seed, "teacher": teacher, "teacher_points": teacher_points,
+                                      "dtype": name, "chunk": chunk}, default=str))
+        path = Path(path)
+        if not _all_sum([float(os.path.lexists(path))])[0]:  # every process decides alike
+            _write_bank(path, meta, jobs, solve, calls)
+        t_states, val_final = _open_bank(path, meta)
+        return _Bank(train, train_index, sigmas, t_states, val, val_index, val_final, calls[0])
+    # With several processes, each solves every world-th chunk.
+    results = {job: solve(*job) for j, job in enumerate(jobs) if j % world == rank}
     if world > 1:  # every process gets the whole bank from the chunks' owners
         import torch.distributed as dist
 
@@ -748,11 +794,106 @@ def make_bank(target: Target, samples: int, validation: int, seed: int, teacher:
                 buf = torch.empty(shape, dtype=dtype if part == "train" else torch.float64)
             dist.broadcast(buf, src=j % world)
             results[part, a] = buf
-    sigmas = torch.linspace(1.0, 0.0, teacher_points + 1, dtype=torch.float64)
     t_states = torch.cat([results["train", a] for a in range(0, samples, chunk)], dim=1)
     finals = [results["val", a] for a in range(0, validation, chunk)]
     val_final = torch.cat(finals) if finals else torch.empty(0, *target.shape, dtype=torch.float64)
     return _Bank(train, train_index, sigmas, t_states, val, val_index, val_final, calls[0])
+
+
+def _bank_files(meta: dict) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """The arrays of a bank folder: name → (shape, numpy dtype)."""
+    shape = tuple(meta["shape"])
+    return {"teacher.npy": ((meta["teacher_points"] + 1, meta["samples"], *shape), BANK_DTYPES[meta["dtype"]]),
+            "validation.npy": ((meta["validation"], *shape), np.float64)}
+
+
+def _write_bank(path: Path, meta: dict, jobs: list[tuple[str, int]], solve: Callable[[str, int], Any],
+                calls: list[int]) -> None:
+    """Solve this process's chunks straight into memory-mapped files in a temporary folder next to `path`, then
+    (process 0, once every process has written its chunks) rename the folder to `path`: a folder under that name is
+    always a complete bank. Under torchrun all processes write into the same files, so they must see the same file
+    system (one machine, or a shared folder)."""
+    from numpy.lib.format import open_memmap
+
+    from fewstep.errors import InputFileError
+
+    rank, world = _world()
+    flag = f"--teacher-bank {path}"
+    leader = int(_all_sum([float(os.getpid()) if rank == 0 else 0.0])[0])  # one temporary name for every process
+    tmp = path.parent / f".{path.name}.{leader}.tmp"
+    files = _bank_files(meta)
+    try:
+        if rank == 0:
+            try:
+                tmp.mkdir(parents=True)
+                for name, (shape, dtype) in files.items():
+                    open_memmap(tmp / name, "w+", dtype, shape)
+                    # Reserve the blocks now: writing into a sparse memory map on a full disk kills the process
+                    # (SIGBUS) halfway through the teacher; this fails at once, with a message.
+                    if hasattr(os, "posix_fallocate"):
+                        with open(tmp / name, "r+b") as f:
+                            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as err:
+                raise InputFileError(f"{flag}: cannot write the bank there ({err.strerror or err})") from None
+        _all_sum([0.0])  # the others wait for the files
+        try:
+            maps = {name: open_memmap(tmp / name, "r+") for name in files}
+        except OSError:
+            raise InputFileError(f"{flag}: process {rank} does not see {tmp}; under torchrun the bank must be on a "
+                                 "file system every process shares") from None
+        for j, (part, a) in enumerate(jobs):
+            if j % world == rank:
+                values = solve(part, a).numpy()
+                if part == "train":
+                    maps["teacher.npy"][:, a:a + values.shape[1]] = values
+                else:
+                    maps["validation.npy"][a:a + len(values)] = values
+        for m in maps.values():
+            m.flush()
+        del maps
+        total = _all_sum([float(calls[0])])[0]  # also waits until every process has written its chunks
+        if rank == 0:
+            try:
+                (tmp / "bank.json").write_text(json.dumps({**meta, "teacher_calls": int(total)}, indent=1) + "\n")
+                os.rename(tmp, path)
+            except OSError as err:
+                raise InputFileError(f"{flag}: cannot move the finished bank into place ({err.strerror or err})"
+                                     ) from None
+        _all_sum([0.0])  # the others open it only once it is there
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _open_bank(path: Path, meta: dict) -> tuple[np.ndarray, Any]:
+    """The training trajectories of the bank folder `path`, memory-mapped read-only, and its validation finals;
+    InvalidInput if it holds another search's bank, InputFileError if it is not a readable bank (both name the flag)."""
+    import torch
+
+    from fewstep.errors import InputFileError, InvalidInput
+
+    flag = f"--teacher-bank {path}"
+    try:
+        saved = json.loads((path / "bank.json").read_text())
+        states = np.load(path / "teacher.npy", mmap_mode="r")
+        finals = np.load(path / "validation.npy")
+    except (OSError, ValueError) as err:  # missing, truncated, not .npy or not JSON
+        why = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())
+        raise InputFileError(f"{flag}: not a readable teacher bank ({why}); remove it or give another path") from None
+    if not isinstance(saved, dict) or saved.get("format") != BANK_FORMAT:
+        raise InputFileError(f"{flag}: not a fewstep teacher bank (bank.json has no format {BANK_FORMAT!r})")
+    for key, value in meta.items():
+        if saved.get(key) != value:
+            there, here = (json.dumps(v, default=str)[:80] for v in (saved.get(key), value))
+            raise InvalidInput(f"{flag} holds the teacher bank of another search ({key} {there} there, {here} "
+                               "here); give another path, or remove it to solve the teacher again")
+    for name, array in (("teacher.npy", states), ("validation.npy", finals)):
+        shape, dtype = _bank_files(meta)[name]
+        if array.shape != shape or array.dtype != dtype:
+            raise InputFileError(f"{flag}: damaged ({name} holds {array.dtype} {array.shape}, bank.json says "
+                                 f"{np.dtype(dtype)} {shape}); remove it or give another path")
+    return states, torch.from_numpy(finals)
 
 
 def _bank_from_noise(noise: Any, trajectories: tuple[Any, Any] | None, model: Callable, teacher: str,
@@ -784,11 +925,14 @@ def search_target(target: Target, steps: int | Sequence[int], *, samples: int | 
                   mu: float | None = None, seed: int = 0,
                   init: str = "adams2", progress: bool = False, checkpoint: str | os.PathLike | None = None,
                   stop: Callable[[], bool] | None = None, bank: _Bank | None = None,
-                  log: Callable[[str], None] | None = None, teacher_chunk: int = TEACHER_CHUNK) -> SolverFile:
+                  log: Callable[[str], None] | None = None, teacher_chunk: int = TEACHER_CHUNK,
+                  teacher_bank: str | os.PathLike | None = None) -> SolverFile:
     """Search solvers for `target` at each step count in `steps` (one file with several step counts), sharing one
     teacher bank. `checkpoint`: a file the state is saved to (every 30 s, after each step count and when `stop()`
     turns true, which then raises `Interrupted`); an existing checkpoint of the same configuration is resumed, and
-    the result is bit-identical to an uninterrupted search. See the module docstring for the method."""
+    the result is bit-identical to an uninterrupted search. `teacher_bank`: a folder for the teacher bank on disk,
+    memory-mapped, written once and reused (`make_bank`'s `path`; the checkpoint then holds no trajectories). See the
+    module docstring for the method."""
     import torch
 
     steps = (steps,) if isinstance(steps, (int, np.integer)) else tuple(int(s) for s in steps)
@@ -801,6 +945,8 @@ def search_target(target: Target, steps: int | Sequence[int], *, samples: int | 
     teacher = target.default_teacher if teacher is None else teacher
     parse_teacher(teacher) if teacher != "euler" else None
     rank, world = _world()
+    if bank is not None and teacher_bank is not None:
+        raise ValueError("teacher_bank stores the bank the search draws itself; it cannot take a given bank or noise")
     if world > 1 and loss == "robust":
         raise ValueError("the robust loss needs the whole minibatch in one process; use another loss with torchrun")
     samples = target.default_samples if samples is None else samples
@@ -812,7 +958,9 @@ def search_target(target: Target, steps: int | Sequence[int], *, samples: int | 
     say = log or (lambda text: None)
     key = json.dumps({"search": cfg.fingerprint(), "model": target.info or target.name, "samples": samples,
                       "validation": validation, "teacher": teacher, "teacher_points": teacher_points,
-                      "teacher_dtype": str(teacher_dtype)}, sort_keys=True, default=str)
+                      "teacher_dtype": str(teacher_dtype),
+                      **({} if teacher_bank is None else {"teacher_bank": os.fspath(teacher_bank)})},
+                     sort_keys=True, default=str)
     state: dict[str, Any] = {}
     if checkpoint is not None and Path(checkpoint).is_file():
         try:
@@ -835,12 +983,21 @@ def search_target(target: Target, steps: int | Sequence[int], *, samples: int | 
         atomic_write(checkpoint, buf.getvalue(), "checkpoint")
 
     started = time.perf_counter() - state.get("seconds_total", 0.0)
-    if bank is None:
-        bank = state.get("bank")
+    saved_bank = state.get("bank")
+    if teacher_bank is not None:
+        say(f"teacher: the bank in {teacher_bank}" if os.path.lexists(teacher_bank) else
+            f"teacher: {teacher} on {samples} + {validation} noises, into {teacher_bank}")
+        bank = make_bank(target, samples, validation, seed, teacher, teacher_points, teacher_dtype, teacher_chunk,
+                         teacher_bank)
+        if saved_bank is not None:  # a resumed search counts the teacher calls its first part spent
+            bank.teacher_calls = saved_bank.teacher_calls
+    elif bank is None:
+        bank = saved_bank
     if bank is None:
         say(f"teacher: {teacher} on {samples} + {validation} noises")
         bank = make_bank(target, samples, validation, seed, teacher, teacher_points, teacher_dtype, teacher_chunk)
-    state.update(key=key, bank=bank)
+    # The checkpoint never copies a bank on disk: a resume maps the same folder again.
+    state.update(key=key, bank=replace(bank, t_states=None) if teacher_bank is not None else bank)
     state.setdefault("done", {})
     save()
 
@@ -969,6 +1126,11 @@ def shipped_solver(model: str, shift: float = 1.0, mu: float | None = None) -> P
     return found[min(found, key=lambda k: abs(math.log(k) - math.log(wanted)))]
 
 
+class GridMismatchWarning(UserWarning):
+    """A solver file used on another grid than the one it was searched on (`grid_mismatch`): `fewstep generate`
+    prints it as one line, the diffusers scheduler warns once per scheduler."""
+
+
 def grid_mismatch(file: SolverFile, shift: float = 1.0, mu: float | None = None) -> str | None:
     """A warning if `file` was searched on another grid than the caller samples on (None if it fits or the file
     does not say). The searched grid is used verbatim, so the caller's shift does not change the sampling; what
@@ -1041,6 +1203,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"σ intervals of the stored teacher trajectories (default {TEACHER_POINTS})")
     parser.add_argument("--teacher-dtype", choices=("float64", "float32", "float16"), default="float64",
                         help="storage precision of the teacher trajectories (default float64)")
+    parser.add_argument("--teacher-bank", default=None, metavar="DIR",
+                        help="keep the teacher trajectories on disk in this folder (memory-mapped, not in RAM): "
+                             "written if it does not exist, reused if it holds the same bank, refused otherwise")
     parser.add_argument("--samples", type=int, default=None,
                         help="training noises (default: 4096 for a mixture or a callable, 256 for an embedded model)")
     parser.add_argument("--validation", type=int, default=None,
@@ -1062,8 +1227,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """InvalidInput naming the flag for any value that would make the search fail or write an unsearched solver;
-    InputFileError if --out cannot be written. Runs before any computation."""
-    from fewstep.errors import InvalidInput
+    InputFileError if --out or --teacher-bank cannot be written. Runs before any computation."""
+    from fewstep.errors import InputFileError, InvalidInput
     from fewstep.files import check_output
 
     if args.model is not None and args.problem is not None and args.model != args.problem:
@@ -1114,6 +1279,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InvalidInput(f"--out {args.out!r} names a directory; give the solver file's path, e.g. my6.json")
     check_output(args.out, "--out")
     check_output(checkpoint_path(args.out), "checkpoint")
+    if args.teacher_bank is not None:
+        if os.path.lexists(args.teacher_bank) and not os.path.isdir(args.teacher_bank):
+            raise InputFileError(f"--teacher-bank {args.teacher_bank} is not a folder; the bank is a folder (a new "
+                                 "path is created)")
+        if not os.path.lexists(args.teacher_bank):
+            check_output(os.path.join(args.teacher_bank, "bank.json"), "--teacher-bank")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -1200,7 +1371,8 @@ def run(args: argparse.Namespace) -> int:
                                        teacher_dtype=getattr(torch, args.teacher_dtype), iterations=args.iterations,
                                        batch=batch, lr=args.lr, loss=args.loss, restarts=args.restarts,
                                        order_cap=args.order_cap, shift=args.shift, mu=args.mu, seed=args.seed,
-                                       progress=not args.quiet, checkpoint=ckpt, stop=stop, log=log)
+                                       progress=not args.quiet, checkpoint=ckpt, stop=stop, log=log,
+                                       teacher_bank=args.teacher_bank)
             except Interrupted:
                 if rank == 0:
                     print(f"\nfewstep search: interrupted; the checkpoint {ckpt} resumes it (run the same command "
