@@ -4,7 +4,8 @@ Imports nothing heavy at module level (`fewstep bench --help` loads no torch).
 
 Suites: `table` (the default: the chosen problems × grids, every method, per-problem tables and plots), `headline`
 (all headline problems × grids, plus the headline table and the targets; `--readme` rewrites the README's generated
-block), `convergence` (measured orders on shifted grids), `overhead` (per-step cost against FlowMatchEuler).
+block), `convergence` (measured orders on shifted grids), `overhead` (per-step cost against FlowMatchEuler),
+`transfer` (solvers searched on one problem and grid, scored on the others against the best peer).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ SEARCHED = "neuralsolver-searched"
 DEFAULT_NFE = "4,5,6,7,8,9,10,12,16"
 SEARCH_ITERATIONS = 300  # gmm8d, 8 NFE: RMSE 1.5e-2 in 3 s (1500 iterations: 9e-3 in 14 s)
 MAX_SEED = 2**63 - 1 - 2000
-SUITES = ("table", "headline", "convergence", "overhead")
+SUITES = ("table", "headline", "convergence", "overhead", "transfer")
+TRANSFER_SOURCES = "gmm8d@shift1,gmm8d@shift3,gmm-stiff@shift1,digits-shift1,digits-shift3"
+TRANSFER_GRIDS = "shift1,shift3"
+TRANSFER_NFE = "6,8"
 SAMPLES = 512  # mixtures
 IMAGE_SAMPLES = 256  # embedded image models: their reference solve costs ~0.2-0.4 s per noise
 
@@ -31,21 +35,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default="table", choices=SUITES,
                         help="table: problems × grids × methods (default); headline: every headline problem and "
                              "grid, with the headline table and the targets of issue #13; convergence: measured "
-                             "orders on shifted grids; overhead: per-step cost of the diffusers adapter")
+                             "orders on shifted grids; overhead: per-step cost of the diffusers adapter; transfer: "
+                             "solvers searched on one problem and grid scored on the others (see --sources)")
     parser.add_argument("--problem", default=None,
                         help="comma-separated problems, or 'all' (gmm8d, gmm-stiff, digits, digits-cfg3); "
-                             "default: gmm8d (table), all (headline)")
+                             "default: gmm8d (table), all (headline, transfer: the targets)")
     parser.add_argument("--grid", default=None,
                         help="comma-separated σ grids: shift<X> (e.g. shift1, shift3) or flux1024 (Flux's dynamic μ "
-                             "for a 1024² image), or 'all'; default: shift1 (table), all (headline)")
+                             "for a 1024² image), or 'all'; default: shift1 (table), all (headline), "
+                             f"{TRANSFER_GRIDS} (transfer)")
     parser.add_argument("--shift", type=float, default=None, help="shorthand for --grid shift<X>")
-    parser.add_argument("--nfe", default=DEFAULT_NFE, help=f"model-call budgets (default {DEFAULT_NFE})")
+    parser.add_argument("--nfe", default=None,
+                        help=f"model-call budgets (default {DEFAULT_NFE}; transfer: {TRANSFER_NFE})")
     parser.add_argument("--solvers", default=None,
                         help=f"comma-separated fewstep methods (default: all registered, stork-*-official; {SEARCHED} "
                              "only when named)")
     parser.add_argument("--headline-solver", default=None,
-                        help="the training-free solver of the headline table (default: the registry's "
-                             "recommended solver, else stork-2)")
+                        help="the training-free solver of the headline table and of the transfer suite's "
+                             "comparison (default: the registry's recommended solver, else stork-2)")
     parser.add_argument("--samples", type=int, default=None, help=f"noises per mixture problem (default {SAMPLES})")
     parser.add_argument("--image-samples", type=int, default=None,
                         help=f"noises per embedded-model problem (default {IMAGE_SAMPLES})")
@@ -57,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--search-iterations", type=int, default=SEARCH_ITERATIONS,
                         help=f"optimizer steps of each {SEARCHED} search")
+    parser.add_argument("--sources", default=None,
+                        help="transfer suite: comma-separated solvers to transfer, each PROBLEM@GRID (searched here "
+                             f"with the {SEARCHED} settings, starting from that grid) or a solver file (a path, or a "
+                             f"file shipped in data/neuralsolver by name); default {TRANSFER_SOURCES}")
     parser.add_argument("--no-peers", action="store_true", help="skip diffusers' schedulers")
     parser.add_argument("--cache", default=None,
                         help="folder for cached reference solves (default ~/.cache/fewstep/bench)")
@@ -114,7 +125,7 @@ def _problems(text: str | None, suite: str) -> list[str]:
     from fewstep.bench.problems import HEADLINE_PROBLEMS, PROBLEMS
 
     if text is None:
-        text = "all" if suite == "headline" else "gmm8d"
+        text = "all" if suite in ("headline", "transfer") else "gmm8d"
     names = list(HEADLINE_PROBLEMS) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in PROBLEMS]
     if unknown or not names:
@@ -165,46 +176,121 @@ def run(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     if args.readme is not None and suite != "headline":
         raise InvalidInput("--readme rewrites the headline block: use it with --suite headline")
+    if args.sources is not None and suite != "transfer":
+        raise InvalidInput("--sources names the solvers to transfer: use it with --suite transfer")
     if suite == "overhead":
         return _overhead(args, out)
     if suite == "convergence":
         return _convergence(out, start)
+    if suite == "transfer":
+        return _transfer(args, out, start)
     return _tables(args, suite, out, start)
 
 
-def _tables(args: argparse.Namespace, suite: str, out: Path | None, start: float) -> int:
-    from fewstep.bench import headline as hl
-    from fewstep.bench import stats
+def _cache(args: argparse.Namespace) -> Path | None:
+    """The cache folder (None with --no-cache), checked writable before anything is computed."""
+    from fewstep.bench.problems import default_cache
+    from fewstep.files import check_output
+
+    if args.no_cache:
+        return None
+    cache = Path(args.cache) if args.cache is not None else default_cache()
+    check_output(cache / "probe", "--cache")
+    return cache
+
+
+def _grids(args: argparse.Namespace, default: str) -> list:
+    """--grid (or the --shift shorthand), `default` when neither is given."""
     from fewstep.bench.grids import get_grid, parse_grids
-    from fewstep.bench.measure import check_solvers, fewstep_methods, parse_nfe, run_bench, write_problem
-    from fewstep.bench.problems import default_cache, is_image
-    from fewstep.files import atomic_write
 
-    problems = _problems(args.problem, suite)
-    readme = hl.check_readme(args.readme) if args.readme is not None else None
-    cache = None
-    if not args.no_cache:
-        cache = Path(args.cache) if args.cache is not None else default_cache()
-        from fewstep.files import check_output
-
-        check_output(cache / "probe", "--cache")
     if args.shift is not None and args.grid is not None:
         raise InvalidInput("--shift is shorthand for --grid shift<X>: give one of them")
     if args.shift is not None:
         if not args.shift > 0:
             raise InvalidInput(f"--shift must be positive, got {args.shift}")
-        grids = [get_grid(f"shift{args.shift:g}")]
-    else:
-        grids = parse_grids(args.grid if args.grid is not None else ("all" if suite == "headline" else "shift1"))
-    nfe = parse_nfe(args.nfe)
-    samples = _positive(args.samples, "--samples", SAMPLES, 2)
-    image_samples = _positive(args.image_samples, "--image-samples", IMAGE_SAMPLES, 2)
-    refine = _positive(args.refine, "--refine", 1 if suite == "headline" else 0, 0)
-    resamples = _positive(args.bootstrap, "--bootstrap", stats.RESAMPLES, 100)
+        return [get_grid(f"shift{args.shift:g}")]
+    return parse_grids(args.grid if args.grid is not None else default)
+
+
+def _seed_and_iterations(args: argparse.Namespace) -> None:
     if not 0 <= args.seed <= MAX_SEED:  # the extra noises of --refine use seed + 1000, their data seed + 1002
         raise InvalidInput(f"--seed must be an integer from 0 to {MAX_SEED}, got {args.seed}")
     if args.search_iterations < 1:
         raise InvalidInput(f"--search-iterations must be at least 1, got {args.search_iterations}")
+
+
+def _transfer(args: argparse.Namespace, out: Path | None, start: float) -> int:
+    from fewstep.bench import headline as hl
+    from fewstep.bench import stats
+    from fewstep.bench import transfer as tr
+    from fewstep.bench.measure import check_solvers, fewstep_methods, parse_nfe, write_tables
+    from fewstep.files import atomic_write
+
+    for flag, given in (("--solvers", args.solvers is not None), ("--refine", args.refine is not None),
+                        ("--no-peers", args.no_peers)):
+        if given:  # the matrix is the sources and one training-free solver, each against the best peer
+            raise InvalidInput(f"{flag} does not apply to the transfer suite (it scores --sources and "
+                               "--headline-solver against the best diffusers peer)")
+    problems = _problems(args.problem, "transfer")
+    cache = _cache(args)
+    grids = _grids(args, TRANSFER_GRIDS)
+    nfe = parse_nfe(args.nfe if args.nfe is not None else TRANSFER_NFE)
+    samples = _positive(args.samples, "--samples", SAMPLES, 2)
+    image_samples = _positive(args.image_samples, "--image-samples", IMAGE_SAMPLES, 2)
+    resamples = _positive(args.bootstrap, "--bootstrap", stats.RESAMPLES, 100)
+    _seed_and_iterations(args)
+    solver = args.headline_solver or hl.default_solver()
+    try:
+        check_solvers([solver])
+    except InvalidInput:
+        raise InvalidInput(f"--headline-solver: unknown solver {solver!r}; available: {', '.join(fewstep_methods())}"
+                           " (or name:key=value)") from None
+    sources = tr.parse_sources(args.sources if args.sources is not None else TRANSFER_SOURCES)
+
+    rows = tr.run_transfer(sources, problems, grids, nfe, samples, image_samples, args.seed, args.search_iterations,
+                           resamples, cache, solver)
+    command = (f"fewstep bench --suite transfer --problem {','.join(problems)} "
+               f"--grid {','.join(g.name for g in grids)} --nfe {','.join(map(str, nfe))} --samples {samples} "
+               f"--image-samples {image_samples} --seed {args.seed} --search-iterations {args.search_iterations} "
+               f"--sources {','.join(s.label for s in sources)} "
+               f"--headline-solver {solver}" + (f" --out {args.out}" if out else ""))
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = (f"Generated by `{command}` on {when}; machine: {machine()}; wall time "
+              f"{time.perf_counter() - start:.0f} s (reference solves and searched solvers cached on disk make reruns "
+              "faster).")
+    definitions = (stats.RMSE_DEFINITION, "ratio [lo, hi]: RMSE ÷ the best peer's RMSE on the same noises, with its "
+                   "paired bootstrap 95 % interval (scipy.stats.bootstrap, paired, BCa)",
+                   f"noises: {samples} per mixture, {image_samples} per image model (seed {args.seed}); every "
+                   "reference is a DOP853 solve from the same noises (see the problem's own bench page)")
+    findings = tr.kept_findings(out / "transfer.md") if out else ""
+    text = tr.transfer_markdown(rows, sources, header, {g.name: g.title for g in grids}, args.search_iterations,
+                                args.seed, definitions, findings)
+    print(text)
+    if out:
+        write_tables(rows, out, "transfer")
+        atomic_write(out / "transfer.md", text.encode())
+    print(f"\nwall time {time.perf_counter() - start:.0f} s on {machine()}"
+          + (f"; wrote transfer.md, transfer.csv, transfer.json to {out}" if out else ""))
+    return 0
+
+
+def _tables(args: argparse.Namespace, suite: str, out: Path | None, start: float) -> int:
+    from fewstep.bench import headline as hl
+    from fewstep.bench import stats
+    from fewstep.bench.measure import check_solvers, fewstep_methods, parse_nfe, run_bench, write_problem
+    from fewstep.bench.problems import is_image
+    from fewstep.files import atomic_write
+
+    problems = _problems(args.problem, suite)
+    readme = hl.check_readme(args.readme) if args.readme is not None else None
+    cache = _cache(args)
+    grids = _grids(args, "all" if suite == "headline" else "shift1")
+    nfe = parse_nfe(args.nfe if args.nfe is not None else DEFAULT_NFE)
+    samples = _positive(args.samples, "--samples", SAMPLES, 2)
+    image_samples = _positive(args.image_samples, "--image-samples", IMAGE_SAMPLES, 2)
+    refine = _positive(args.refine, "--refine", 1 if suite == "headline" else 0, 0)
+    resamples = _positive(args.bootstrap, "--bootstrap", stats.RESAMPLES, 100)
+    _seed_and_iterations(args)
     solvers = check_solvers(args.solvers.split(",") if args.solvers is not None else None)
     solver = args.headline_solver or hl.default_solver()
     try:
