@@ -71,6 +71,7 @@ def test_transfer_diagonal_is_the_bench_score_and_every_cell_is_written(tmp_path
 @pytest.mark.parametrize("argv, flag", [
     (["--problem", "cifar"], "--problem"), (["--sources", "cifar@shift1"], "--sources"),
     (["--sources", "gmm8d@shift-1"], "--sources"), (["--sources", "no-such-file.json"], "--sources"),
+    (["--sources", "gmm8d+gmm8d@shift1"], "--sources"), (["--sources", "gmm8d+cifar@shift1"], "--sources"),
     (["--sources", ","], "--sources"), (["--solvers", "euler"], "--solvers"), (["--refine", "1"], "--refine"),
     (["--no-peers"], "--no-peers"), (["--nfe", "0"], "--nfe"), (["--headline-solver", "rk45"], "--headline-solver"),
     (["--suite", "table", "--sources", "gmm8d@shift1"], "--sources")])
@@ -82,3 +83,31 @@ def test_bad_transfer_options_are_one_line_errors_before_any_work(argv, flag, ca
     assert main(["bench", *suite, *argv, "--no-cache"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and flag in err
+
+
+def test_family_source_is_one_search_for_its_problems_cached_and_marked_on_each(tmp_path, monkeypatch):
+    """gmm2d+gmm8d@shift1: one family search per NFE (each member's teacher solved once, shared with the single
+    source of that problem), scored on every target; its diagonal is both members' shift-1 cells; a rerun searches
+    nothing."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["--suite", "transfer", "--problem", "gmm2d,gmm8d,gmm-stiff", "--grid", "shift1", "--nfe", "4",
+            "--samples", "24", "--search-iterations", "5", "--bootstrap", "100", "--sources",
+            "gmm2d+gmm8d@shift1,gmm8d@shift1", "--cache", str(cache), "--out", str(out)]
+    teachers, families = [], []
+    solve, family = fewstep.search.teacher_bank, fewstep.search.search_target
+    monkeypatch.setattr(fewstep.search, "teacher_bank", lambda *a, **k: teachers.append(1) or solve(*a, **k))
+    monkeypatch.setattr(fewstep.search, "search_target",
+                        lambda t, *a, **k: families.append(len(t) if isinstance(t, list) else 1) or family(t, *a, **k))
+    assert run(_args(*argv)) == 0
+    assert len(teachers) == 2 and families.count(2) == 1  # gmm2d and gmm8d once each; one family search
+    rows = json.loads((out / "transfer.json").read_text())
+    fam = [r for r in rows if r["source"] == "gmm2d+gmm8d@shift1"]
+    assert {r["problem"] for r in fam} == {"gmm2d", "gmm8d", "gmm-stiff"}
+    assert {r["problem"] for r in fam if r["diagonal"]} == {"gmm2d", "gmm8d"}
+    assert fam[0]["train_noises"] == "1024+1024"
+    text = (out / "transfer.md").read_text()
+    assert "| gmm2d+gmm8d@shift1 (searched here) |" in text and "family solver per NFE for gmm2d and gmm8d" in text
+    monkeypatch.setattr(fewstep.search, "search_target", lambda *a, **k: pytest.fail("searched again"))
+    monkeypatch.setattr(fewstep.search, "search", lambda *a, **k: pytest.fail("searched again"))
+    assert run(_args(*argv)) == 0
+    assert json.loads((out / "transfer.json").read_text()) == rows

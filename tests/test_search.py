@@ -405,3 +405,139 @@ def test_teacher_bank_of_another_search_or_damaged_is_refused_in_one_line(tmp_pa
     assert _cli(*args[:-1], out, "--out", tmp_path / "x.json") == 2  # a file, not a folder
     assert "is not a folder" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def _same_solvers(a, b):
+    assert a.steps.keys() == b.steps.keys()
+    for n in a.steps:
+        for x, y in zip(a.steps[n], b.steps[n], strict=True):
+            assert np.array_equal(x, y)
+
+
+def _without_times(provenance):
+    p = json.loads(json.dumps(provenance, default=str))
+    for key in ("date", "seconds"):
+        p.pop(key)
+    for info in p["steps"].values():
+        info.pop("seconds")
+    return p
+
+
+def test_family_of_one_is_the_plain_search_bit_for_bit():
+    target = S.mixture_target("gmm8d")
+    plain = S.search_target(target, [3, 4], **small(), order_cap=True, seed=2)
+    family = S.search_target([target], [3, 4], **small(), order_cap=True, seed=2)
+    _same_solvers(plain, family)
+    assert _without_times(plain.provenance) == _without_times(family.provenance)
+    assert list(plain.provenance) == list(family.provenance)  # the same file, key order included
+
+
+def test_family_search_normalises_each_member_and_records_them(tmp_path):
+    """One solver for gmm2d and gmm8d (2-d and 8-d states, each from its own bank): the validation score is the
+    mean of each member's RMSE ÷ its start solver's, every member's calls are counted and add up, and a family bank
+    on disk (one folder per member) gives the same solver."""
+    seen = {"gmm2d": [0], "gmm8d": [0]}
+
+    def counted(name):
+        g = preset(name)
+
+        def model(x, s):
+            seen[name][0] += len(x)
+            return g.velocity(x, s)
+
+        return S.plain_target(model, (g.dim,), name)
+
+    family = [counted("gmm2d"), counted("gmm8d")]
+    found = S.search_target(family, [3, 4], **small(samples=40, validation=12, batch=None))
+    p = found.provenance
+    assert p["model"] == "gmm2d+gmm8d" and [m["model"] for m in p["members"]] == ["gmm2d", "gmm8d"]
+    assert [(m["samples"], m["validation_samples"]) for m in p["members"]] == [(40, 12), (40, 12)]
+    assert p["samples"] == 80 and p["batch"] == [40, 40]  # the default batch 256, capped at each member's bank
+    for m in p["members"]:
+        calls = m["model_calls"]
+        assert calls["total"] == seen[m["model"]][0] == calls["teacher"] + calls["training"] + calls["validation"]
+    assert p["model_calls"]["total"] == sum(m["model_calls"]["total"] for m in p["members"])
+    for info in p["steps"].values():
+        parts = info["members"]
+        assert info["validation_score"] == pytest.approx(
+            np.mean([m["validation_rmse"] / m["start_validation_rmse"] for m in parts]), rel=1e-12)
+        assert info["validation_score"] < 1  # better than where it started, on the two members together
+        assert info["calls"]["training"] == sum(m["calls"]["training"] for m in parts)
+    on_disk = S.search_target(family, [3, 4], **small(samples=40, validation=12, batch=None),
+                              teacher_bank=tmp_path / "banks")
+    _same_solvers(found, on_disk)
+    assert sorted(d.name for d in (tmp_path / "banks").iterdir()) == ["0-gmm2d", "1-gmm8d"]
+    with pytest.raises(ValueError, match="distinct"):
+        S.search_target([family[0], family[0]], 3, **small())
+
+
+def test_family_checkpoint_resume_is_bit_identical(tmp_path):
+    family = [S.mixture_target("gmm2d"), S.mixture_target("gmm8d")]
+    whole = S.search_target(family, [3, 4], **small())
+    ckpt = tmp_path / "f.json.ckpt"
+    count = [0]
+
+    def stop_twice():
+        count[0] += 1
+        return count[0] in (7, 60)
+
+    for _ in range(2):
+        with pytest.raises(S.Interrupted):
+            S.search_target(family, [3, 4], **small(), checkpoint=ckpt, stop=stop_twice)
+    resumed = S.search_target(family, [3, 4], **small(), checkpoint=ckpt, stop=stop_twice)
+    _same_solvers(whole, resumed)
+    assert resumed.provenance["members"] == whole.provenance["members"]
+
+
+def test_cli_family_search(tmp_path, capsys):
+    out = tmp_path / "f.json"
+    assert _cli("--model", "gmm2d,gmm8d", "--steps", "3", "--iterations", 6, "--samples", 24, "--validation", 8,
+                "--batch", 8, "--teacher-points", 20, "--restarts", 1, "--out", out) == 0
+    text = capsys.readouterr().out
+    assert "N=3: validation score" in text and "gmm8d" in text
+    p = SolverFile.load(out).provenance
+    assert p["model"] == "gmm2d+gmm8d" and [m["batch"] for m in p["members"]] == [8, 8]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model", "gmm8d,gmm8d"], "--model gmm8d,gmm8d: a family is two or more distinct models"),
+    (["--model", "gmm8d,"], "--model"),
+    (["--model", "gmm2d,gmm8d", "--validation", "0"], "--validation 0"),
+    (["--model", "gmm2d,gmm8d", "--guidance", "3"], "--guidance"),
+    (["--model", "gmm2d,nosuch"], "not a mixture"),
+])
+def test_cli_family_refuses_what_makes_no_sense_in_one_line(tmp_path, capsys, argv, message):
+    out = tmp_path / "x.json"
+    assert _cli(*argv, "--out", out, "--iterations", 1) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_cli_family_refuses_prompts(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert _cli("--model", "gmm2d,gmm8d", "--prompts", prompts, "--out", tmp_path / "x.json") == 2
+    err = capsys.readouterr().err
+    assert "--prompts: a family" in err and err.count("\n") == 1
+
+
+def test_torchrun_family_search_equals_one_process(tmp_path):
+    """A family under torchrun: each member's minibatch split between 2 gloo processes, gradients all-reduced; the
+    solver equals one process's and every member's model calls add up to the same totals."""
+    import subprocess
+
+    args = ["--model", "gmm2d,gmm8d", "--steps", "3", "--iterations", "12", "--batch", "16", "--samples", "48",
+            "--validation", "16", "--teacher-points", "30", "--restarts", "2", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, "-m", "fewstep", "search", *args, "--out", str(one)], check=True, env=env,
+                   timeout=600)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
+                    "fewstep", "search", *args, "--out", str(two)], check=True, env=env, timeout=600,
+                   capture_output=True)
+    a, b = SolverFile.load(one), SolverFile.load(two)
+    for x, y in zip(a.steps[3], b.steps[3], strict=True):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+    assert [m["model_calls"] for m in a.provenance["members"]] == [m["model_calls"] for m in b.provenance["members"]]
+    assert b.provenance["processes"] == 2

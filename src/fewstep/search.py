@@ -24,6 +24,13 @@ Under torchrun the teacher chunks and each minibatch are split between the proce
 `teacher_bank=` / `--teacher-bank DIR` keeps the teacher trajectories in a folder on disk, memory-mapped, instead of
 in RAM (written once, reused by later searches of the same bank).
 
+A family search (`search_target([t1, t2, ...])`, `--model gmm8d,digits`) fits ONE solver (one σ grid, one set of
+weights) to several models at once: every iteration draws a minibatch from each member's own bank (states of
+different members are never mixed, so their dimensions may differ), and the loss and the validation error are the
+means over the members of each member's own, divided by what the search's start solver (the requested init on the
+requested grid) scores on that member's validation noises, so that no member dominates by the size of its errors.
+A family of one is the plain search, bit for bit.
+
 Also the `fewstep search` subcommand (`add_arguments`, `run`).
 """
 
@@ -525,14 +532,16 @@ def _new_candidate(steps: int, init: str, shift: float, mu: float | None, seed: 
     opt = torch.optim.Adam([logits, coeffs], lr=lr)
     gen = torch.Generator().manual_seed(int(seed) * 1009 + steps * 31 + restart)
     return {"init": init, "shift": shift, "mu": mu, "logits": logits, "coeffs": coeffs, "opt": opt, "gen": gen,
-            "it": 0, "best": None, "best_val": math.inf, "best_it": 0, "val": math.inf, "restart": restart}
+            "it": 0, "best": None, "best_val": math.inf, "best_it": 0, "best_parts": None, "val": math.inf,
+            "restart": restart}
 
 
 def _pack(c: dict) -> dict:
     return {"init": c["init"], "shift": c["shift"], "mu": c["mu"], "logits": c["logits"].detach().clone(),
             "coeffs": c["coeffs"].detach().clone(), "opt": copy.deepcopy(c["opt"].state_dict()),
             "gen": c["gen"].get_state(), "it": c["it"], "best_val": c["best_val"], "best_it": c["best_it"],
-            "val": c["val"], "restart": c["restart"],
+            "best_parts": None if c.get("best_parts") is None else list(c["best_parts"]), "val": c["val"],
+            "restart": c["restart"],
             "best": None if c["best"] is None else tuple(t.clone() for t in c["best"])}
 
 
@@ -550,8 +559,9 @@ def _unpack(p: dict, lr: float) -> dict:
 
 
 def _validate(model: Callable, bank: _Bank, logits: Any, coeffs: Any, mask: Any, calls: list[int],
-              chunk: int = 256) -> float:
-    """RMSE of the student's final sample against the teacher's on the validation noises."""
+              chunk: int = 256, slot: int = 0) -> float:
+    """RMSE of the student's final sample against the teacher's on the validation noises; its model calls are added
+    to `calls[slot]` (the member's slot in a family search)."""
     import torch
 
     if bank.val_noise is None or len(bank.val_noise) == 0:
@@ -563,7 +573,7 @@ def _validate(model: Callable, bank: _Bank, logits: Any, coeffs: Any, mask: Any,
             idx = bank.val_index[a:a + chunk]
 
             def f(x: Any, s: float, idx: Any = idx) -> Any:
-                calls[0] += len(x)
+                calls[slot] += len(x)
                 return model(x, s, idx)
 
             x = _rollout(f, bank.val_noise[a:a + chunk], logits, coeffs, mask, time_gradient=False)[0][-1]
@@ -613,38 +623,63 @@ class SearchConfig:
         return json.dumps(self.__dict__, sort_keys=True, default=str)
 
 
-def _run_candidate(model: Callable, bank: _Bank, cand: dict, until: int, total: int, cfg: SearchConfig,
-                   mask: Any, calls: dict[str, list[int]], bar: Any, save: Callable[[], None],
-                   stop: Callable[[], bool]) -> None:
+@dataclass
+class _Family:
+    """The models one solver is searched for (one for a plain search), each with its bank and minibatch size, and
+    per step count `scales`: what each member's validation RMSE is divided by (its start solver's RMSE in a family;
+    1 for a single model, whose loss and validation error are then exactly the plain search's)."""
+
+    models: list[Callable]
+    banks: list[_Bank]
+    batches: list[int]
+    scales: list[float]
+    robust: bool  # the robust loss is already relative to each member's own median error: not divided again
+    time_h: list[float]  # each member's σ step of the finite-difference time gradient
+
+    def score(self, rmses: Sequence[float]) -> float:
+        """The validation error the search minimises: the mean of the members' scaled RMSEs (a single model's RMSE)."""
+        return sum(r / s for r, s in zip(rmses, self.scales, strict=True)) / len(rmses)
+
+    def weight(self, m: int) -> float:
+        """Member m's factor on its training loss: the mean over the members of each loss (a squared error) divided
+        by its squared scale; 1.0 for a single model."""
+        return 1.0 / (len(self.models) * (1.0 if self.robust else self.scales[m] ** 2))
+
+
+def _run_candidate(fam: _Family, cand: dict, until: int, total: int, cfg: SearchConfig, mask: Any,
+                   calls: dict[str, list[int]], bar: Any, save: Callable[[], None], stop: Callable[[], bool]) -> None:
     """Optimise `cand` in place up to iteration `until` (of `total` for the lr schedule), validating every
-    `eval_every` iterations and keeping the best parameters."""
+    `eval_every` iterations and keeping the best parameters. Each iteration draws one minibatch per family member
+    (in member order, from the candidate's generator: a single model draws exactly the plain search's)."""
     import torch
 
-    n_train = len(bank.train_noise)
-    batch = min(cfg.batch, n_train)
     rank, world = _world()
     every = cfg.eval_every or max(1, cfg.iterations // 30)
+    unvalidated = all(len(b.val_noise) == 0 for b in fam.banks)
     last_save = time.monotonic()
 
-    def f(x: Any, s: float, idx: Any) -> Any:
-        calls["training"][0] += len(x)
-        return model(x, s, idx)
+    def f(m: int, x: Any, s: float, idx: Any) -> Any:
+        calls["training"][m] += len(x)
+        return fam.models[m](x, s, idx)
 
     while cand["it"] < until:
         for group in cand["opt"].param_groups:
             group["lr"] = cfg.lr * _lr_factor(cand["it"], total)
-        pick = torch.randint(n_train, (batch,), generator=cand["gen"])
-        pick = pick[rank::world]  # every process draws the same minibatch and computes its share
-        idx = bank.train_index[pick]
+        picks = [torch.randint(len(b.train_noise), (n,), generator=cand["gen"])
+                 for b, n in zip(fam.banks, fam.batches, strict=True)]
         cand["opt"].zero_grad()
-        if len(pick):
-            states, sigmas = _rollout(lambda x, s, idx=idx: f(x, s, idx), bank.train_noise[pick], cand["logits"],
-                                      cand["coeffs"], mask, h=cfg.time_h)
+        terms = []
+        for m, (bank, drawn) in enumerate(zip(fam.banks, picks, strict=True)):
+            pick = drawn[rank::world]  # every process draws the same minibatch and computes its share
+            if not len(pick):
+                continue
+            idx = bank.train_index[pick]
+            states, sigmas = _rollout(lambda x, s, m=m, idx=idx: f(m, x, s, idx), bank.train_noise[pick],
+                                      cand["logits"], cand["coeffs"], mask, h=fam.time_h[m])
             rows = _Picked(bank.t_states, pick)
             targets = [_interpolate(bank.t_sigmas, rows, s) for s in sigmas]
-            value = _loss(cfg.loss, states, targets, batch)
-        else:
-            value = 0.0 * (cand["logits"].sum() + cand["coeffs"].sum())
+            terms.append(_loss(cfg.loss, states, targets, len(drawn)) * fam.weight(m))
+        value = sum(terms[1:], terms[0]) if terms else 0.0 * (cand["logits"].sum() + cand["coeffs"].sum())
         value.backward()
         if world > 1:
             import torch.distributed as dist
@@ -657,12 +692,14 @@ def _run_candidate(model: Callable, bank: _Bank, cand: dict, until: int, total: 
         cand["opt"].step()
         cand["it"] += 1
         if cand["it"] % every == 0 or cand["it"] == until:
-            val = _validate(model, bank, cand["logits"], cand["coeffs"], mask, calls["validation"])
+            parts = [_validate(model, bank, cand["logits"], cand["coeffs"], mask, calls["validation"], slot=m)
+                     for m, (model, bank) in enumerate(zip(fam.models, fam.banks, strict=True))]
+            val = fam.score(parts)
             cand["val"] = val
             # Keep the best validated parameters (a NaN from a diverged step never replaces them); without
             # validation noises, the last ones.
-            if (np.isfinite(val) and val < cand["best_val"]) or len(bank.val_noise) == 0:
-                cand["best_val"], cand["best_it"] = val, cand["it"]
+            if (np.isfinite(val) and val < cand["best_val"]) or unvalidated:
+                cand["best_val"], cand["best_it"], cand["best_parts"] = val, cand["it"], parts
                 cand["best"] = (cand["logits"].detach().clone(), cand["coeffs"].detach().clone())
         if bar is not None:
             bar.update(1)
@@ -676,15 +713,26 @@ def _run_candidate(model: Callable, bank: _Bank, cand: dict, until: int, total: 
             last_save = time.monotonic()
 
 
-def _search_steps(model: Callable, bank: _Bank, steps: int, cfg: SearchConfig, state: dict, progress: bool,
+def _search_steps(fam: _Family, steps: int, cfg: SearchConfig, state: dict, progress: bool,
                   save: Callable[[], None], stop: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray, dict]:
     """One step count: restarts explore, the best by validation continues; returns (Δt, M, provenance)."""
     import torch
     from tqdm.auto import tqdm
 
     mask = torch.from_numpy(_free_mask(steps, cfg.order_cap))
-    calls = state.setdefault("calls", {"training": [0], "validation": [0]})
+    members = len(fam.models)
+    calls = state.setdefault("calls", {"training": [0] * members, "validation": [0] * members})
     started = time.perf_counter() - state.get("seconds", 0.0)
+    if members > 1 and "scales" not in state:  # a family: each member's error relative to the start solver's
+        start = (torch.from_numpy(_initial_logits(steps, cfg.shift, cfg.mu)),
+                 torch.from_numpy(_initial_coefficients(steps, cfg.init)))
+        scales = [_validate(model, bank, *start, mask, calls["validation"], slot=m)
+                  for m, (model, bank) in enumerate(zip(fam.models, fam.banks, strict=True))]
+        if not all(np.isfinite(v) and v > 0 for v in scales):
+            raise ValueError(f"N={steps}: the start solver's validation RMSE per member is {scales}; a family search "
+                             "needs a finite, nonzero one for each member to normalise by")
+        state["scales"] = scales
+    fam.scales = state.get("scales", [1.0])
     explore = max(1, round(cfg.explore * cfg.iterations)) if cfg.restarts > 1 else 0
     if "candidates" not in state:
         starts = [("adams2" if cfg.init == "adams2" else "euler", cfg.shift, cfg.mu),
@@ -706,31 +754,36 @@ def _search_steps(model: Callable, bank: _Bank, steps: int, cfg: SearchConfig, s
         state["seconds"] = time.perf_counter() - started
         save()
 
+    score = "validation_rmse" if members == 1 else "validation_score"  # a family's is relative, not an RMSE
     total_bar = (explore * len(cands) + cfg.iterations - explore) if state["phase"] == "explore" else cfg.iterations
     bar = tqdm(total=total_bar, desc=f"search N={steps}", disable=not progress, leave=True)
     bar.update(sum(c["it"] for c in cands))
     try:
         if state["phase"] == "explore":
             for c in cands:
-                _run_candidate(model, bank, c, explore, cfg.iterations, cfg, mask, calls, bar, checkpoint, stop)
-            explored = [{"init": c["init"], "shift": c["shift"], "mu": c["mu"], "validation_rmse": c["best_val"]}
-                        for c in cands]
+                _run_candidate(fam, c, explore, cfg.iterations, cfg, mask, calls, bar, checkpoint, stop)
+            explored = [{"init": c["init"], "shift": c["shift"], "mu": c["mu"], score: c["best_val"]} for c in cands]
             state["explored"] = explored
             cands = [min(cands, key=lambda c: c["best_val"] if np.isfinite(c["best_val"]) else math.inf)]
             state["phase"] = "finish"
             checkpoint()
-        _run_candidate(model, bank, cands[0], cfg.iterations, cfg.iterations, cfg, mask, calls, bar, checkpoint,
-                       stop)
+        _run_candidate(fam, cands[0], cfg.iterations, cfg.iterations, cfg, mask, calls, bar, checkpoint, stop)
     finally:
         bar.close()
     best = cands[0]
     logits, coeffs = best["best"] if best["best"] is not None else (best["logits"], best["coeffs"])
     dt, matrix = _solver(logits, coeffs, mask)
-    info = {"validation_rmse": best["best_val"], "best_iteration": best["best_it"],
+    info = {score: best["best_val"], "best_iteration": best["best_it"],
             "start": {"init": best["init"], "shift": best["shift"], "mu": best["mu"]},
             "restarts": state.get("explored", []),
-            "calls": {"training": calls["training"][0], "validation": calls["validation"][0]},
+            "calls": {"training": sum(calls["training"]), "validation": sum(calls["validation"])},
             "seconds": round(time.perf_counter() - started, 2)}
+    if members > 1:
+        parts = best.get("best_parts") or [math.nan] * members
+        info["members"] = [{"validation_rmse": r, "start_validation_rmse": s,
+                            "calls": {"training": t, "validation": v}}
+                           for r, s, t, v in zip(parts, fam.scales, calls["training"], calls["validation"],
+                                                 strict=True)]
     return dt, matrix, info
 
 
@@ -917,14 +970,14 @@ def _fewstep_version() -> str:
     return __version__
 
 
-def search_target(target: Target, steps: int | Sequence[int], *, samples: int | None = None,
+def search_target(target: Target | Sequence[Target], steps: int | Sequence[int], *, samples: int | None = None,
                   validation: int | None = None, teacher: str | None = None, teacher_points: int = TEACHER_POINTS,
                   teacher_dtype: Any = None, iterations: int = DEFAULT_ITERATIONS, batch: int | None = None,
                   lr: float = DEFAULT_LR, loss: str = DEFAULT_LOSS, restarts: int = DEFAULT_RESTARTS,
                   explore: float = 0.2, eval_every: int = 0, order_cap: bool = False, shift: float = 1.0,
                   mu: float | None = None, seed: int = 0,
                   init: str = "adams2", progress: bool = False, checkpoint: str | os.PathLike | None = None,
-                  stop: Callable[[], bool] | None = None, bank: _Bank | None = None,
+                  stop: Callable[[], bool] | None = None, bank: _Bank | Sequence[_Bank] | None = None,
                   log: Callable[[str], None] | None = None, teacher_chunk: int = TEACHER_CHUNK,
                   teacher_bank: str | os.PathLike | None = None) -> SolverFile:
     """Search solvers for `target` at each step count in `steps` (one file with several step counts), sharing one
@@ -932,9 +985,17 @@ def search_target(target: Target, steps: int | Sequence[int], *, samples: int | 
     turns true, which then raises `Interrupted`); an existing checkpoint of the same configuration is resumed, and
     the result is bit-identical to an uninterrupted search. `teacher_bank`: a folder for the teacher bank on disk,
     memory-mapped, written once and reused (`make_bank`'s `path`; the checkpoint then holds no trajectories). See the
-    module docstring for the method."""
+    module docstring for the method.
+
+    A family (`target` a list of two or more models with distinct names): one solver for all of them (module
+    docstring). `samples`, `validation`, `batch` and `teacher` then apply to each member (None: each member's own
+    default); every member's noises are drawn from `seed`, as its own search would; `bank` is one bank per member and
+    `teacher_bank` a folder holding one bank folder per member (`<k>-<model>`). A list of one is the plain search."""
     import torch
 
+    targets = list(target) if isinstance(target, (list, tuple)) else [target]
+    given = None if bank is None else (list(bank) if isinstance(bank, (list, tuple)) else [bank])
+    single = len(targets) == 1
     steps = (steps,) if isinstance(steps, (int, np.integer)) else tuple(int(s) for s in steps)
     if not steps or min(steps) < 2:
         raise ValueError(f"steps must be at least 2 to search anything, got {steps}")
@@ -942,23 +1003,36 @@ def search_target(target: Target, steps: int | Sequence[int], *, samples: int | 
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if init not in ("adams2", "euler"):
         raise ValueError(f"init must be 'adams2' or 'euler', got {init!r}")
-    teacher = target.default_teacher if teacher is None else teacher
-    parse_teacher(teacher) if teacher != "euler" else None
+    names = [str(t.info.get("model", t.name)) for t in targets]
+    if not targets or len(set(names)) < len(names):
+        raise ValueError(f"a family needs distinct models, got {names}")
+    if given is not None and len(given) != len(targets):
+        raise ValueError(f"a family search takes one bank per member: {len(given)} banks for {len(targets)} models")
+    if not single and validation == 0:
+        raise ValueError("a family search needs validation noises: each member's error is normalised on its own")
+    teachers = [t.default_teacher if teacher is None else teacher for t in targets]
+    for spec in teachers:
+        parse_teacher(spec) if spec != "euler" else None
     rank, world = _world()
     if bank is not None and teacher_bank is not None:
         raise ValueError("teacher_bank stores the bank the search draws itself; it cannot take a given bank or noise")
     if world > 1 and loss == "robust":
         raise ValueError("the robust loss needs the whole minibatch in one process; use another loss with torchrun")
-    samples = target.default_samples if samples is None else samples
-    validation = target.default_validation if validation is None else validation
-    batch = target.default_batch if batch is None else batch
-    cfg = SearchConfig(steps, iterations, batch, lr, loss, max(1, restarts), explore, eval_every, order_cap, shift,
-                       mu, seed, init, target.time_h)
+    counts = [t.default_samples if samples is None else samples for t in targets]
+    held = [t.default_validation if validation is None else validation for t in targets]
+    batches = [t.default_batch if batch is None else batch for t in targets]
+    cfg = SearchConfig(steps, iterations, batches[0], lr, loss, max(1, restarts), explore, eval_every, order_cap,
+                       shift, mu, seed, init, targets[0].time_h)
     stop = stop or (lambda: False)
     say = log or (lambda text: None)
-    key = json.dumps({"search": cfg.fingerprint(), "model": target.info or target.name, "samples": samples,
-                      "validation": validation, "teacher": teacher, "teacher_points": teacher_points,
-                      "teacher_dtype": str(teacher_dtype),
+
+    def one(values: list) -> Any:  # a single model's checkpoint key and provenance keep their plain-search form
+        return values[0] if single else values
+
+    key = json.dumps({"search": cfg.fingerprint(), "model": one([t.info or t.name for t in targets]),
+                      "samples": one(counts), "validation": one(held), "teacher": one(teachers),
+                      "teacher_points": teacher_points, "teacher_dtype": str(teacher_dtype),
+                      **({} if single else {"batch": batches, "time_h": [t.time_h for t in targets]}),
                       **({} if teacher_bank is None else {"teacher_bank": os.fspath(teacher_bank)})},
                      sort_keys=True, default=str)
     state: dict[str, Any] = {}
@@ -984,22 +1058,38 @@ def search_target(target: Target, steps: int | Sequence[int], *, samples: int | 
 
     started = time.perf_counter() - state.get("seconds_total", 0.0)
     saved_bank = state.get("bank")
-    if teacher_bank is not None:
-        say(f"teacher: the bank in {teacher_bank}" if os.path.lexists(teacher_bank) else
-            f"teacher: {teacher} on {samples} + {validation} noises, into {teacher_bank}")
-        bank = make_bank(target, samples, validation, seed, teacher, teacher_points, teacher_dtype, teacher_chunk,
-                         teacher_bank)
-        if saved_bank is not None:  # a resumed search counts the teacher calls its first part spent
-            bank.teacher_calls = saved_bank.teacher_calls
-    elif bank is None:
-        bank = saved_bank
-    if bank is None:
-        say(f"teacher: {teacher} on {samples} + {validation} noises")
-        bank = make_bank(target, samples, validation, seed, teacher, teacher_points, teacher_dtype, teacher_chunk)
+    saved_banks = None if saved_bank is None else (saved_bank if isinstance(saved_bank, list) else [saved_bank])
+    # A family keeps each member's bank folder inside --teacher-bank, named so that no two members share one.
+    folders = [None] * len(targets) if teacher_bank is None else (
+        [Path(teacher_bank)] if single else
+        [Path(teacher_bank) / f"{m}-{''.join(c if c.isalnum() or c in '._-' else '_' for c in name)}"
+         for m, name in enumerate(names)])
+    banks = []
+    for m, t in enumerate(targets):
+        who = "" if single else f"{names[m]}: "
+        if folders[m] is not None:
+            say(f"{who}teacher: the bank in {folders[m]}" if os.path.lexists(folders[m]) else
+                f"{who}teacher: {teachers[m]} on {counts[m]} + {held[m]} noises, into {folders[m]}")
+            found = make_bank(t, counts[m], held[m], seed, teachers[m], teacher_points, teacher_dtype, teacher_chunk,
+                              folders[m])
+            if saved_banks is not None:  # a resumed search counts the teacher calls its first part spent
+                found.teacher_calls = saved_banks[m].teacher_calls
+        elif given is not None:
+            found = given[m]
+        elif saved_banks is not None:
+            found = saved_banks[m]
+        else:
+            say(f"{who}teacher: {teachers[m]} on {counts[m]} + {held[m]} noises")
+            found = make_bank(t, counts[m], held[m], seed, teachers[m], teacher_points, teacher_dtype, teacher_chunk)
+        banks.append(found)
     # The checkpoint never copies a bank on disk: a resume maps the same folder again.
-    state.update(key=key, bank=replace(bank, t_states=None) if teacher_bank is not None else bank)
+    stored = [replace(b, t_states=None) if teacher_bank is not None else b for b in banks]
+    state.update(key=key, bank=one(stored))
     state.setdefault("done", {})
     save()
+    fam = _Family([t.velocity for t in targets], banks,
+                  [min(n, len(b.train_noise)) for n, b in zip(batches, banks, strict=True)], [1.0],
+                  loss == "robust", [t.time_h for t in targets])
 
     for n in steps:
         if n in state["done"]:
@@ -1013,21 +1103,24 @@ def search_target(target: Target, steps: int | Sequence[int], *, samples: int | 
             state["seconds_total"] = time.perf_counter() - started
             save()
 
-        dt, matrix, info = _search_steps(target.velocity, bank, n, cfg, current, progress and rank == 0, save_all,
-                                         stop)
-        spent = [0]
-        info["adams2_validation_rmse"] = (baseline_rmse(target.velocity, bank, "adams2", n, shift, mu, spent)
-                                          if rank == 0 else math.nan)
-        info["calls"]["validation"] += spent[0]
+        dt, matrix, info = _search_steps(fam, n, cfg, current, progress and rank == 0, save_all, stop)
+        for m, part in enumerate(info.get("members", [info])):  # a family reports Adams-2 per member
+            spent = [0]
+            part["adams2_validation_rmse"] = (baseline_rmse(fam.models[m], banks[m], "adams2", n, shift, mu, spent)
+                                              if rank == 0 else math.nan)
+            part["calls"]["validation"] += spent[0]
+            if part is not info:
+                info["calls"]["validation"] += spent[0]
         state["done"][n] = (dt, matrix, info)
         state.pop("current")
         save_all()
 
     done = state["done"]
     per_steps = {str(n): done[n][2] for n in steps}
-    mine = [bank.teacher_calls, sum(i["calls"]["training"] for i in per_steps.values()),
+    mine = [sum(b.teacher_calls for b in banks), sum(i["calls"]["training"] for i in per_steps.values()),
             sum(i["calls"]["validation"] for i in per_steps.values())]
     per_process = [mine]
+    member_teacher = [b.teacher_calls for b in banks]
     if world > 1:  # every process's own calls, and the per-N counts summed over the processes
         import torch.distributed as dist
 
@@ -1035,17 +1128,24 @@ def search_target(target: Target, steps: int | Sequence[int], *, samples: int | 
         dist.all_gather(gathered, torch.tensor(mine, dtype=torch.float64))
         per_process = [[int(v) for v in g.tolist()] for g in gathered]
         for info in per_steps.values():
-            info["calls"] = dict(zip(info["calls"], map(int, _all_sum(list(info["calls"].values()))), strict=True))
+            for part in [info, *info.get("members", [])]:
+                part["calls"] = dict(zip(part["calls"], map(int, _all_sum(list(part["calls"].values()))),
+                                         strict=True))
+        member_teacher = [int(v) for v in _all_sum([float(v) for v in member_teacher])]
     teacher_calls, training, validating = (sum(p[k] for p in per_process) for k in range(3))
     element_bytes = torch.empty((), dtype=teacher_dtype or torch.float64).element_size()
+
+    def teacher_info(m: int) -> dict:
+        return {"solver": teachers[m], "points": teacher_points + 1, "dtype": str(teacher_dtype or torch.float64),
+                "bytes_per_sample": (teacher_points + 1) * int(np.prod(targets[m].shape)) * element_bytes}
+
     provenance = {
-        **target.info, "model": target.info.get("model", target.name),
+        **(targets[0].info if single else {}), "model": names[0] if single else "+".join(names),
         "grid": {"shift": shift, "mu": mu},
-        "teacher": {"solver": teacher, "points": teacher_points + 1, "dtype": str(teacher_dtype or torch.float64),
-                    "bytes_per_sample": (teacher_points + 1) * int(np.prod(target.shape)) * element_bytes},
-        "samples": len(bank.train_noise), "validation_samples": len(bank.val_noise), "seed": seed,
-        "loss": loss, "iterations": iterations, "batch": batch, "lr": lr, "restarts": cfg.restarts,
-        "order_cap": order_cap, "optimizer": "adam, cosine decay to 0.1x",
+        **({"teacher": teacher_info(0)} if single else {}),
+        "samples": sum(len(b.train_noise) for b in banks), "validation_samples": sum(len(b.val_noise) for b in banks),
+        "seed": seed, "loss": loss, "iterations": iterations, "batch": batches[0] if single else fam.batches, "lr": lr,
+        "restarts": cfg.restarts, "order_cap": order_cap, "optimizer": "adam, cosine decay to 0.1x",
         "model_calls": {"teacher": teacher_calls, "training": training, "validation": validating,
                         "total": teacher_calls + training + validating,
                         "per_process": [dict(zip(("teacher", "training", "validation"), p, strict=True))
@@ -1056,10 +1156,38 @@ def search_target(target: Target, steps: int | Sequence[int], *, samples: int | 
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": "fewstep.search", "fewstep": _fewstep_version(),
     }
+    if not single:
+        members = []
+        for m, t in enumerate(targets):
+            spent = [member_teacher[m], *(sum(i["members"][m]["calls"][k] for i in per_steps.values())
+                                          for k in ("training", "validation"))]
+            members.append({**t.info, "model": names[m], "samples": len(banks[m].train_noise),
+                            "validation_samples": len(banks[m].val_noise), "batch": fam.batches[m],
+                            "teacher": teacher_info(m),
+                            "model_calls": {**dict(zip(("teacher", "training", "validation"), spent, strict=True)),
+                                            "total": sum(spent)}})
+        provenance["members"] = members
+        provenance["normalisation"] = ("loss and validation error: the mean over the members of each member's own, "
+                                       "divided by its start solver's validation RMSE (squared for the loss)")
     result = SolverFile("flow", {n: done[n][:2] for n in steps}, 1.0, provenance)
     if checkpoint is not None and rank == 0:
         Path(checkpoint).unlink(missing_ok=True)
     return result
+
+
+def noise_bank(model: Callable[[Any, float], Any], noise: Any, *, validation: int | None = None,
+               trajectories: tuple[Any, Any] | None = None, teacher: str = "exact",
+               teacher_steps: int = TEACHER_POINTS) -> _Bank:
+    """A bank of given noises (first axis = samples) for `search_target(..., bank=)`, e.g. one per member of a
+    family: the last `validation` samples (default: an eighth) are held out for validation; `trajectories`:
+    `teacher_bank(model, noise, teacher, teacher_steps)` if already solved, else it is solved here."""
+    import torch
+
+    noise = torch.as_tensor(noise).to(torch.float64)
+    held = max(1, len(noise) // 8) if validation is None else validation
+    if not 0 <= held < len(noise):
+        raise ValueError(f"validation must leave training samples: {held} of {len(noise)}")
+    return _bank_from_noise(noise, trajectories, model, teacher, teacher_steps, held)
 
 
 def search(model: Callable[[Any, float], Any], steps: int, *, teacher: str = "exact",
@@ -1077,7 +1205,6 @@ def search(model: Callable[[Any, float], Any], steps: int, *, teacher: str = "ex
     `trajectories`: `teacher_bank(model, noise, teacher, teacher_steps)` computed once and shared by searches of
     several step counts on the same noise (on a trained model the teacher solve costs more than the search).
     Other options: see `search_target`."""
-    import torch
 
     if noise is None:
         if dim is None:
@@ -1089,12 +1216,9 @@ def search(model: Callable[[Any, float], Any], steps: int, *, teacher: str = "ex
                              init=init, progress=progress, **options)
     if callable(noise):
         noise = noise(bank)
-    noise = torch.as_tensor(noise).to(torch.float64)
-    held = max(1, len(noise) // 8) if validation is None else validation
-    if not 0 <= held < len(noise):
-        raise ValueError(f"validation must leave training samples: {held} of {len(noise)}")
-    target = plain_target(model, tuple(noise.shape[1:]), model_name)
-    data = _bank_from_noise(noise, trajectories, model, teacher, teacher_steps, held)
+    data = noise_bank(model, noise, validation=validation, trajectories=trajectories, teacher=teacher,
+                      teacher_steps=teacher_steps)
+    target = plain_target(model, tuple(data.train_noise.shape[1:]), model_name)
     return search_target(target, steps, teacher=teacher, teacher_points=teacher_steps, iterations=iterations,
                          batch=batch, lr=lr, loss=loss, restarts=restarts, order_cap=order_cap, shift=shift, mu=mu,
                          seed=seed, init=init, progress=progress, bank=data, **options)
@@ -1176,7 +1300,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="what to search on: a Gaussian mixture (" + ", ".join(PRESETS) + "), an embedded model "
                              "(digits, ...), module:function, a Python velocity f(x, sigma) (with --shape), or a "
-                             "diffusers pipeline folder or hub id (with --prompts)")
+                             "diffusers pipeline folder or hub id (with --prompts); a comma list of mixtures, embedded "
+                             "models or velocities (gmm8d,digits) searches one solver for the whole family")
     parser.add_argument("--problem", choices=PRESETS, default=None, help="a Gaussian mixture (same as --model)")
     parser.add_argument("--prompts", default=None,
                         help="a text file, one prompt per line: --model is then a diffusers pipeline (folder or hub "
@@ -1234,6 +1359,18 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.model is not None and args.problem is not None and args.model != args.problem:
         raise InvalidInput(f"--model {args.model} and --problem {args.problem} disagree; give one")
     args.model = args.model or args.problem or "gmm8d"
+    # A family: a comma list (a pipeline folder whose name holds a comma is still one model).
+    args.family = ([m.strip() for m in args.model.split(",")] if "," in args.model and not os.path.exists(args.model)
+                   else None)
+    if args.family is not None:
+        if len(args.family) < 2 or not all(args.family) or len(set(args.family)) < len(args.family):
+            raise InvalidInput(f"--model {args.model}: a family is two or more distinct models, e.g. gmm8d,digits")
+        if args.prompts is not None:
+            raise InvalidInput("--prompts: a family (--model A,B) takes mixtures, embedded models and module:function "
+                               "velocities, not diffusers pipelines")
+        if args.validation == 0:
+            raise InvalidInput("--validation 0: a family search normalises each member's error on its validation "
+                               "noises; give at least 1")
     try:
         args.steps = parse_steps(args.steps) if isinstance(args.steps, str) else list(args.steps)
     except ValueError as err:
@@ -1346,10 +1483,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)  # small models: intra-op threads only add overhead on a shared machine
-    target = resolve_target(args.model, args.shape, args.guidance, getattr(args, "prompt_list", None), args.height,
-                            args.width)
-    samples = args.samples if args.samples is not None else target.default_samples
-    batch = min(target.default_batch if args.batch is None else args.batch, samples)
+    if args.family is not None:  # each member takes --samples, --validation, --batch, --guidance and --shape
+        target: Target | list[Target] = [resolve_target(m, args.shape, args.guidance) for m in args.family]
+        batch = args.batch
+    else:
+        target = resolve_target(args.model, args.shape, args.guidance, getattr(args, "prompt_list", None),
+                                args.height, args.width)
+        samples = args.samples if args.samples is not None else target.default_samples
+        batch = min(target.default_batch if args.batch is None else args.batch, samples)
     ckpt = checkpoint_path(args.out)
     if args.fresh and os.environ.get("RANK", "0") == "0":
         Path(ckpt).unlink(missing_ok=True)
@@ -1385,6 +1526,13 @@ def run(args: argparse.Namespace) -> int:
             p = result.provenance
             calls = p["model_calls"]
             for n, info in p["steps"].items():
+                if "members" in info:  # a family
+                    each = ", ".join(f"{m['model']} {part['validation_rmse']:.3e} (adams2 "
+                                     f"{part['adams2_validation_rmse']:.3e})"
+                                     for m, part in zip(p["members"], info["members"], strict=True))
+                    print(f"N={n}: validation score {info['validation_score']:.3f} (mean over the members of RMSE ÷ "
+                          f"the start solver's); RMSE {each}, {info['seconds']} s")
+                    continue
                 print(f"N={n}: validation RMSE {info['validation_rmse']:.3e} (adams2 "
                       f"{info['adams2_validation_rmse']:.3e} on the same {p['validation_samples']} held-out noises), "
                       f"{info['seconds']} s")

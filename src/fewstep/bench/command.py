@@ -24,7 +24,7 @@ DEFAULT_NFE = "4,5,6,7,8,9,10,12,16"
 SEARCH_ITERATIONS = 300  # gmm8d, 8 NFE: RMSE 1.5e-2 in 3 s (1500 iterations: 9e-3 in 14 s)
 MAX_SEED = 2**63 - 1 - 2000
 SUITES = ("table", "headline", "convergence", "overhead", "transfer")
-TRANSFER_SOURCES = "gmm8d@shift1,gmm8d@shift3,gmm-stiff@shift1,digits-shift1,digits-shift3"
+TRANSFER_SOURCES = "gmm8d@shift1,gmm8d@shift3,gmm-stiff@shift1,gmm8d+digits@shift1,digits-shift1,digits-shift3"
 TRANSFER_GRIDS = "shift1,shift3"
 TRANSFER_NFE = "6,8"
 SAMPLES = 512  # mixtures
@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"optimizer steps of each {SEARCHED} search")
     parser.add_argument("--sources", default=None,
                         help="transfer suite: comma-separated solvers to transfer, each PROBLEM@GRID (searched here "
-                             f"with the {SEARCHED} settings, starting from that grid) or a solver file (a path, or a "
+                             f"with the {SEARCHED} settings, starting from that grid), A+B@GRID (one solver "
+                             "searched on the family of problems A and B) or a solver file (a path, or a "
                              f"file shipped in data/neuralsolver by name); default {TRANSFER_SOURCES}")
     parser.add_argument("--no-peers", action="store_true", help="skip diffusers' schedulers")
     parser.add_argument("--cache", default=None,
@@ -260,8 +261,9 @@ def _transfer(args: argparse.Namespace, out: Path | None, start: float) -> int:
               "faster).")
     definitions = (stats.RMSE_DEFINITION, "ratio [lo, hi]: RMSE ÷ the best peer's RMSE on the same noises, with its "
                    "paired bootstrap 95 % interval (scipy.stats.bootstrap, paired, BCa)",
-                   f"noises: {samples} per mixture, {image_samples} per image model (seed {args.seed}); every "
-                   "reference is a DOP853 solve from the same noises (see the problem's own bench page)")
+                   f"noises: {samples} per mixture, {image_samples} per image model (at most 32 for fashion), "
+                   f"seed {args.seed}; every reference is a DOP853 solve from the same noises (see the problem's own "
+                   "bench page)")
     findings = tr.kept_findings(out / "transfer.md") if out else ""
     text = tr.transfer_markdown(rows, sources, header, {g.name: g.title for g in grids}, args.search_iterations,
                                 args.seed, definitions, findings)

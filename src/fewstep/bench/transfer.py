@@ -1,7 +1,9 @@
 """`fewstep bench --suite transfer`: does a solver searched on one problem and grid help on another?
 
 A source is a NeuralSolver searched here on a problem and grid (`PROBLEM@GRID`: the bench's own search settings, the
-"neuralsolver-searched" method of `fewstep.bench.measure`, started from that grid) or a solver file (a path, or the
+"neuralsolver-searched" method of `fewstep.bench.measure`, started from that grid), a family searched here
+(`PROBLEM+PROBLEM@GRID`, e.g. `gmm8d+digits@shift1`: one solver per NFE for all of them, `fewstep.search`'s family
+search with the same settings, each member on its own training bank and teacher) or a solver file (a path, or the
 name of a file shipped in data/neuralsolver such as `digits-shift1`). Each source is scored on every target problem ×
 grid × NFE against the reference solve from the target's bench noises, as the RMSE ratio to the best diffusers peer in
 that cell; the training-free default (`--headline-solver`, the registry's recommendation) gets the same ratio beside
@@ -34,14 +36,19 @@ FINDINGS = "<!-- findings: written by hand for the run above; a rerun keeps what
 
 @dataclass(frozen=True)
 class Source:
-    label: str  # as given on the command line: gmm8d@shift1, digits-shift1, ./my.json
-    problem: str | None  # the problem it was searched on (None: a file that does not say)
+    label: str  # as given on the command line: gmm8d@shift1, gmm8d+digits@shift1, digits-shift1, ./my.json
+    problem: str | None  # the problem it was searched on, a family's joined by + (None: a file that does not say)
     grid: str | None  # the grid it was searched on, by grid name (shift1, shift3)
     file: SolverFile | None = None  # None: searched here, per NFE
 
     @property
     def searched_here(self) -> bool:
         return self.file is None
+
+    @property
+    def members(self) -> list[str]:
+        """The problems it was searched on: one, or a family's."""
+        return self.problem.split("+") if self.problem else []
 
 
 def _file_origin(file: SolverFile) -> tuple[str | None, str | None]:
@@ -60,8 +67,9 @@ def _file_origin(file: SolverFile) -> tuple[str | None, str | None]:
 
 
 def parse_sources(text: str) -> list[Source]:
-    """'gmm8d@shift3,digits-shift1,./my.json' → sources: PROBLEM@GRID is searched here, anything else is a solver
-    file (a shipped name first, then a path). Every file is read now, before any computation."""
+    """'gmm8d@shift3,gmm8d+digits@shift1,digits-shift1,./my.json' → sources: PROBLEM@GRID (or a family
+    PROBLEM+PROBLEM@GRID) is searched here, anything else is a solver file (a shipped name first, then a path). Every
+    file is read now, before any computation."""
     from fewstep.search import shipped_dir
 
     specs = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
@@ -71,8 +79,12 @@ def parse_sources(text: str) -> list[Source]:
     for spec in specs:
         if "@" in spec:
             problem, _, grid = spec.partition("@")
-            if problem not in PROBLEMS:
-                raise InvalidInput(f"--sources {spec}: unknown problem {problem!r}; available: {', '.join(PROBLEMS)}")
+            members = problem.split("+")
+            for name in members:
+                if name not in PROBLEMS:
+                    raise InvalidInput(f"--sources {spec}: unknown problem {name!r}; available: {', '.join(PROBLEMS)}")
+            if len(set(members)) < len(members):
+                raise InvalidInput(f"--sources {spec}: a family names each problem once")
             try:
                 grid = get_grid(grid).name
             except InvalidInput:
@@ -92,33 +104,46 @@ def parse_sources(text: str) -> list[Source]:
     return sources
 
 
-def _search_key(problem: Problem, grid: Grid, nfe: int, iterations: int, seed: int) -> str:
-    """Everything the bench's search depends on: the training noises, the model (its velocity on a few of them), the
-    NFE, the settings, the starting grid and the search code itself (an edit of search.py searches again)."""
+def _search_key(problems: list[Problem], grid: Grid, nfe: int, iterations: int, seed: int) -> str:
+    """Everything the bench's search depends on: each problem's training noises and model (its velocity on a few of
+    them), the NFE, the settings, the starting grid and the search code itself (an edit of search.py searches
+    again)."""
     import fewstep.search
 
-    probe = problem.search_model(problem.train_noise[:8], 0.5)
+    parts = []
+    for problem in problems:
+        parts += [problem.name, problem.train_noise, problem.search_model(problem.train_noise[:8], 0.5)]
     code = Path(fewstep.search.__file__).read_bytes()
-    digest = _digest(problem.name, problem.train_noise, probe, nfe, iterations, SEARCH_BATCH, seed, grid.shift,
-                     grid.mu, code)
-    return f"search-{problem.name}-{grid.name}-nfe{nfe}-{digest}.json"
+    digest = _digest(*parts, nfe, iterations, SEARCH_BATCH, seed, grid.shift, grid.mu, code)
+    return f"search-{'+'.join(p.name for p in problems)}-{grid.name}-nfe{nfe}-{digest}.json"
 
 
-def searched_file(problem: Problem, grid: Grid, nfe: int, iterations: int, seed: int, cache: Path | None,
-                  teacher: Callable[[], tuple]) -> SolverFile:
-    """The bench's searched NeuralSolver for `problem` (the call of `measure.methods`, plus the starting grid), read
-    from `cache` when it was searched before. `teacher()`: the problem's shared teacher bank, solved on first use."""
+def searched_file(problems: list[Problem], grid: Grid, nfe: int, iterations: int, seed: int, cache: Path | None,
+                  teacher: Callable[[], list[tuple]]) -> SolverFile:
+    """The bench's searched NeuralSolver for `problems` (one: the call of `measure.methods`, plus the starting grid;
+    several: one family search with the same settings), read from `cache` when it was searched before. `teacher()`:
+    each problem's shared teacher bank, solved on first use."""
     import fewstep.search
 
-    path = Path(cache) / _search_key(problem, grid, nfe, iterations, seed) if cache is not None else None
+    path = Path(cache) / _search_key(problems, grid, nfe, iterations, seed) if cache is not None else None
     if path is not None and path.is_file():
         try:
             return SolverFile.load(path)
         except FewstepError:  # a damaged cache file is searched again and replaced
             pass
-    found = fewstep.search.search(problem.search_model, nfe, noise=problem.train_noise, iterations=iterations,
-                                  batch=SEARCH_BATCH, seed=seed, trajectories=teacher(), model_name=problem.name,
-                                  shift=grid.shift, mu=grid.mu)
+    if len(problems) == 1:
+        problem = problems[0]
+        found = fewstep.search.search(problem.search_model, nfe, noise=problem.train_noise, iterations=iterations,
+                                      batch=SEARCH_BATCH, seed=seed, trajectories=teacher()[0],
+                                      model_name=problem.name, shift=grid.shift, mu=grid.mu)
+    else:  # `search`'s defaults (order cap, exact teacher, an eighth held out) for every member
+        targets = [fewstep.search.plain_target(p.search_model, tuple(p.train_noise.shape[1:]), p.name)
+                   for p in problems]
+        banks = [fewstep.search.noise_bank(p.search_model, p.train_noise, trajectories=t)
+                 for p, t in zip(problems, teacher(), strict=True)]
+        found = fewstep.search.search_target(targets, nfe, bank=banks, teacher="exact", iterations=iterations,
+                                             batch=SEARCH_BATCH, seed=seed, order_cap=True, shift=grid.shift,
+                                             mu=grid.mu)
     if path is not None:
         found.save(path)
     return found
@@ -165,15 +190,20 @@ def run_transfer(sources: list[Source], targets: list[str], grids: list[Grid], n
         return teacher_bank(problem(name).search_model, problem(name).train_noise)
 
     files: dict[tuple[str, int], SolverFile | None] = {}
-    bank: dict[str, int] = {}  # training noises of each searched source, for its notes
+    bank: dict[str, int | str] = {}  # training noises of each searched source, for its notes (a family's: 1024+128)
     for src in sources:
         if not src.searched_here:
             continue
-        task = problem(src.problem)
-        bank[src.label] = len(task.train_noise)
+        tasks = [problem(m) for m in src.members]
+        sizes = [len(t.train_noise) for t in tasks]
+        bank[src.label] = sizes[0] if len(sizes) == 1 else "+".join(map(str, sizes))
+
+        def teachers(members: list[str] = src.members) -> list[tuple]:
+            return [teacher(m) for m in members]
+
         for n in nfe:  # a search needs 2 steps at least, as in the bench's searched method
-            files[src.label, n] = (searched_file(task, get_grid(src.grid), n, iterations, seed, cache,
-                                                 functools.partial(teacher, src.problem)) if n >= 2 else None)
+            files[src.label, n] = (searched_file(tasks, get_grid(src.grid), n, iterations, seed, cache, teachers)
+                                   if n >= 2 else None)
 
     rows = []
     for name in targets:
@@ -198,7 +228,7 @@ def run_transfer(sources: list[Source], targets: list[str], grids: list[Grid], n
                     rows.append({"source": src.label, "kind": "searched here" if src.searched_here else "file",
                                  "source_problem": src.problem, "source_grid": src.grid,
                                  "train_noises": bank.get(src.label), **base,
-                                 "diagonal": (src.problem, src.grid) == (name, grid.name),
+                                 "diagonal": name in src.members and src.grid == grid.name,
                                  **_cell(own[src.label, n], peer_sq, resamples, seed)})
                 if (solver, n) in by:
                     rows.append({"source": solver, "kind": "training-free", "source_problem": None,
@@ -253,7 +283,14 @@ def _source_notes(sources: list[Source], rows: list[dict], iterations: int, seed
     notes = []
     bank = {r["source"]: r["train_noises"] for r in rows}
     for src in sources:
-        if src.searched_here:
+        if src.searched_here and len(src.members) > 1:
+            notes.append(f"{src.label}: one `fewstep.search` family solver per NFE for {' and '.join(src.members)} "
+                         f"(training noises {bank.get(src.label, '?')}, an eighth of each held out, seed {seed} + 1): "
+                         f"every iteration a minibatch of {SEARCH_BATCH} from each member's own bank; loss and "
+                         "validation error the mean over the members of each member's error ÷ its start solver's "
+                         f"(Adams-2 weights on the {src.grid} grid); otherwise the settings of the single-problem "
+                         "sources")
+        elif src.searched_here:
             notes.append(f"{src.label}: `fewstep.search` per NFE on a bank of {bank.get(src.label, '?')} training "
                          f"noises of {src.problem} (an eighth held out for validation; seed {seed} + 1, not the bench "
                          f"noises), {iterations} iterations, batch "
@@ -278,7 +315,8 @@ def transfer_markdown(rows: list[dict], sources: list[Source], header: str, grid
     legend = ("Each cell: RMSE of the source's solver on the target problem ÷ RMSE of the best diffusers peer on the "
               "target grid in that cell (FlowMatchEuler, FlowMatchHeun, UniPC-2, UniPC-3, DPM++2M, DEIS; same noises); "
               f"**bold** ≤ 1 (the source wins), ~ undecided: the paired bootstrap 95 % interval of the ratio contains "
-              f"1, {DIAGONAL} the diagonal: the source's own problem and grid, – no solver for that NFE. A searched "
+              f"1, {DIAGONAL} the diagonal: a problem and grid the source was searched on (a family: each of its "
+              "problems), – no solver for that NFE. A searched "
               "solver steps on its own searched σ grid whatever the target grid; only the peers' grid changes.")
     parts = ["# Transfer: searched solvers on problems and grids they were not searched on\n", header, "", legend, ""]
     for n in sorted({r["nfe"] for r in rows}):
