@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import hashlib
 import importlib
-import importlib.util
 import io
 import os
 from collections.abc import Callable
@@ -210,11 +209,10 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {  # name → loader(name, samples
     "gmm-stiff": mixture,
     "digits": embedded("fewstep.models.digits"),
     "digits-cfg3": embedded("fewstep.models.digits", guidance=3.0),
+    "fashion": from_module("fewstep.models.fashion"),  # its reference solves ship with the package
+    "fashion-cfg3": from_module("fewstep.models.fashion", guidance=3.0),
 }
-if importlib.util.find_spec("fewstep.models.fashion") is not None:  # the Fashion-MNIST model (by name, not in 'all')
-    PROBLEMS["fashion"] = from_module("fewstep.models.fashion")
-    PROBLEMS["fashion-cfg3"] = from_module("fewstep.models.fashion", guidance=3.0)
-HEADLINE_PROBLEMS = ("gmm8d", "gmm-stiff", "digits", "digits-cfg3")  # `--problem all`
+HEADLINE_PROBLEMS = ("gmm8d", "gmm-stiff", "digits", "digits-cfg3", "fashion", "fashion-cfg3")  # `--problem all`
 
 
 def load_problem(name: str, samples: int, seed: int, cache: Path | None = None) -> Problem:

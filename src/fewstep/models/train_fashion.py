@@ -32,9 +32,11 @@ from fewstep.models.fashion import (
     FLOW_FILE,
     METADATA_KEY,
     NULL_CLASS,
+    REFERENCE_FILE,
     FashionClassifier,
     FashionFlow,
     load_data,
+    write_shipped_references,
 )
 
 DATA = "Debian dataset-fashion-mnist, 60000 training images, bytes * 2/255 - 1 in [-1, 1]"
@@ -195,10 +197,15 @@ def main() -> None:
     parser.add_argument("--eval-guidance", type=float, nargs="+", default=EVAL["guidances"], help="of --evaluate")
     parser.add_argument("--grid", type=Path, default=None, help="only write the sample grid of the shipped weights")
     parser.add_argument("--checkpoints", type=Path, default=None, help="also save the EMA model every 1000 steps here")
+    parser.add_argument("--bench-reference", action="store_true", help="only solve (or read from the bench cache) "
+                        f"the `fashion` bench problem's reference solves and write them to --out/{REFERENCE_FILE}")
     args = parser.parse_args()
     torch.set_num_threads(1)  # part of the recipe: the thread count changes float rounding, hence the bytes
     if args.grid:
         sample_grid(args.grid, **GRID)
+        return
+    if args.bench_reference:  # ~25 min on one core when nothing is cached (docs/fashion.md)
+        write_shipped_references(args.out / REFERENCE_FILE)
         return
     if args.evaluate:
         evaluate(**{**EVAL, "samples": args.eval_samples, "guidances": tuple(args.eval_guidance)})
