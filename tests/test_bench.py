@@ -107,13 +107,28 @@ def test_every_peer_steps_on_the_bench_grid(name):
         return g.velocity(x, sigma)
 
     x = run_peer(name, model, noise, grid)
-    assert torch.isfinite(x).all()
-    want = grid[:-1].astype(np.float32).astype(np.float64)
+    assert torch.isfinite(x).all() and x.dtype == torch.float64
+    want = grid[:-1].copy()  # the exponential integrators step on the float64 grid, the FlowMatch ones in float32
+    if name in ("FlowMatchEuler", "FlowMatchHeun"):
+        want = want.astype(np.float32).astype(np.float64)
     if name == "FlowMatchHeun":  # both stages of every step but the last
         want = np.concatenate([want[:1], np.repeat(want[1:], 2)])
     if name in ("UniPC-2", "UniPC-3", "DPM++2M", "DEIS"):
-        want[0] = np.float32(1 - 1e-6)
+        want[0] = 1 - 1e-6
     assert np.array_equal(np.array(seen), want)
+
+
+def test_peers_step_in_float64_from_the_guard_at_one():
+    # From σ = 1 − 1e-6 every exponential integrator's first (first-order) step is Euler's; DEIS writes it as
+    # (α_t/α_s)·x − σ_t(e^h − 1)·ε̂ with α_t/α_s ≈ 1e5, which in float32 was off from Euler by 0.5.
+    g = preset("gmm8d")
+    noise = torch.randn(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = np.array([1.0, 0.75, 0.0])
+    euler = noise + (0.75 - 1.0) * g.velocity(noise, 1.0)
+    euler = euler - 0.75 * g.velocity(euler, 0.75)
+    for name in ("UniPC-2", "DPM++2M", "DEIS"):
+        x = run_peer(name, g.velocity, noise, grid)
+        assert (x - euler).abs().max() < 1e-4, name  # the guard's 1e-6 shift and DEIS's end at σ = 1e-6
 
 
 def test_unipc_on_the_injected_grid_equals_unipc_given_the_same_sigmas():
