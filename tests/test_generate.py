@@ -143,6 +143,11 @@ def test_solver_file_of_another_grid_gives_one_warning_line(tmp_path):
         expected = ("fewstep generate: warning: solver file " in result.stderr and "shift-3 grid, sampling asks for "
                     "shift 1" in result.stderr and result.stderr.count("\n") == 1)
         assert expected if warned else result.stderr == "", result.stderr
+    # by its shipped name; a step count the file lacks is one error line, not the warning first
+    result = generate_digits("--prompt", "7", "--steps", "3", "--scheduler", "neuralsolver", "--scheduler-kwargs",
+                             '{"solver_file": "digits-shift3"}', "--output", str(tmp_path / "e.png"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "has no 3-step solver" in result.stderr
+    assert not (tmp_path / "e.png").exists()
 
 
 def test_solvers_command_lists_every_solver():

@@ -115,5 +115,5 @@ def test_round_trip_and_atomic_save(tmp_path):
         np.testing.assert_array_equal(again.steps[n][0], dt)
         np.testing.assert_array_equal(again.steps[n][1], m)
     assert [p.name for p in tmp_path.iterdir()] == ["copy.json"]  # no temp file left behind
-    with pytest.raises(FileNotFoundError, match="shipped: sit, flowdcn, dit"):
+    with pytest.raises(FileNotFoundError, match="shipped: sit, flowdcn, dit, digits-shift1, digits-shift3"):
         SolverFile.load("nope")

@@ -438,8 +438,9 @@ class AdamsScheduler(FewstepScheduler):
 
 
 class NeuralSolverScheduler(FewstepScheduler):
-    """A searched NeuralSolver (`solver_file`: sit, flowdcn, dit, or a path to a JSON file) as a diffusers scheduler;
-    `dit` is the ε-prediction one (use it with prediction_type="epsilon")."""
+    """A searched NeuralSolver (`solver_file`: a shipped name — sit, flowdcn, dit, digits-shift1, digits-shift3 — or a
+    path to a JSON file) as a diffusers scheduler; `dit` is the ε-prediction one (use it with
+    prediction_type="epsilon")."""
 
     @_named
     def __init__(self, solver_file: str = "sit", **schedule):

@@ -295,9 +295,11 @@ class EmbeddedModel:
         solver, options = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
         options = with_shipped_solver(solver, options, self.kind)
         if solver == "neuralsolver":  # a file searched on a shifted grid: the embedded models sample unshifted
+            from fewstep.sampling import make_plan
             from fewstep.search import GridMismatchWarning, grid_mismatch
             from fewstep.solvers.neuralsolver import neuralsolver
 
+            make_plan(solver, steps, **options)  # a step count the file lacks is refused first, without the warning
             text = grid_mismatch(neuralsolver(**options).file, 1.0)
             if text:
                 warnings.warn(text, GridMismatchWarning, stacklevel=2)

@@ -106,7 +106,8 @@ def _positive(value: int | None, flag: str, default: int, minimum: int) -> int:
 
 
 def _out_dir(out: str | None) -> Path | None:
-    """The output folder, checked before anything is computed: not a file, creatable, writable."""
+    """The output folder, checked before anything is computed: not a file, creatable, writable. It is created by the
+    first result written into it, so bad input or Ctrl-C leaves no empty folder behind."""
     from fewstep.files import check_output
 
     if out is None:
@@ -115,10 +116,6 @@ def _out_dir(out: str | None) -> Path | None:
     if path.exists() and not path.is_dir():
         raise InputFileError(f"--out {out} exists and is not a directory")
     check_output(path / "headline.md", "--out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputFileError(f"--out {out}: cannot create it ({err.strerror or err})") from None
     return path
 
 

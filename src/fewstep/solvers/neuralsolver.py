@@ -32,7 +32,9 @@ from fewstep.solvers.registry import SolverInfo, register
 FORMAT = "fewstep.neuralsolver"
 VERSION = 1
 DATA = Path(__file__).resolve().parent.parent / "data" / "neuralsolver"
-SHIPPED = {"sit": "searched_fm_sit.json", "flowdcn": "searched_fm_flowdcn.json", "dit": "searched_ddpm_dit.json"}
+# The published tables, then the files searched here for the embedded digits model (data/neuralsolver/README.md).
+SHIPPED = {"sit": "searched_fm_sit.json", "flowdcn": "searched_fm_flowdcn.json", "dit": "searched_ddpm_dit.json",
+           "digits-shift1": "digits-shift1.json", "digits-shift3": "digits-shift3.json"}
 VP_START = 0.999  # upstream VP grids start at t = 0.999 (docs/neuralsolver.md §ε-prediction)
 MIN_VP_START = 0.99  # an ε solver file must start near t = 1 (pure noise)
 START_TOLERANCE = 1e-6
@@ -113,7 +115,7 @@ class SolverFile:
 
     @classmethod
     def load(cls, path_or_name: str | os.PathLike) -> SolverFile:
-        """A shipped table (`sit`, `flowdcn`, `dit`), a fewstep solver file, or a published upstream JSON.
+        """A shipped table (a name in `SHIPPED`), a fewstep solver file, or a published upstream JSON.
         A missing file is a `SolverFileNotFound` (a FileNotFoundError); anything else wrong with it an
         `InputFileError` (not a regular file, unreadable, too big, not UTF-8) or `InvalidInput` (content), each
         naming the file."""
@@ -251,7 +253,7 @@ class NeuralSolver:
 
 
 def neuralsolver(solver_file: str | os.PathLike | SolverFile = "sit", exact_float32: bool = False) -> NeuralSolver:
-    """`solver_file`: a shipped name (sit, flowdcn, dit), a path, or a SolverFile."""
+    """`solver_file`: a shipped name (`SHIPPED`), a path, or a SolverFile."""
     file = solver_file if isinstance(solver_file, SolverFile) else SolverFile.load(solver_file)
     return NeuralSolver(file, exact_float32)
 
