@@ -541,3 +541,102 @@ def test_torchrun_family_search_equals_one_process(tmp_path):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
     assert [m["model_calls"] for m in a.provenance["members"]] == [m["model_calls"] for m in b.provenance["members"]]
     assert b.provenance["processes"] == 2
+
+
+# ------------------------------------------------------------------------------------- hostile-input regressions
+
+_FAST = ["--model", "gmm2d", "--steps", 3, "--iterations", 2, "--batch", 8, "--samples", 16, "--validation", 8,
+         "--teacher", "euler:10", "--teacher-points", 10, "--restarts", 1, "-q"]
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_cli_refuses_out_inside_the_teacher_bank_before_any_model_call(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _cli(*_FAST, "--teacher-bank", "bank1", "--out", "s.json") == 0
+    before = (tmp_path / "bank1" / "teacher.npy").read_bytes()
+    monkeypatch.setattr(S, "resolve_target", lambda *a, **k: pytest.fail("the model was loaded"))
+    for bank, out in (("bank1", "bank1/teacher.npy"), ("nb", "nb"), ("nb", "nb/x.json"), ("bank1", "./bank1/y")):
+        assert _cli(*_FAST, "--teacher-bank", bank, "--out", out) == 2
+        _one_line_error(capsys, f"--out {out}", "--teacher-bank")
+    assert (tmp_path / "bank1" / "teacher.npy").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank1", "s.json"]
+
+
+def test_cli_teacher_bank_with_nan_fails_in_one_line_and_leaves_nothing(tmp_path, capsys):
+    bank = tmp_path / "bank"
+    assert _cli(*_FAST, "--teacher-bank", bank, "--out", tmp_path / "a.json") == 0
+    teacher = np.load(bank / "teacher.npy")
+    teacher[:] = np.nan
+    np.save(bank / "teacher.npy", teacher)
+    out = tmp_path / "b.json"
+    assert _cli(*_FAST, "--teacher-bank", bank, "--out", out) == 2
+    _one_line_error(capsys, f"--teacher-bank {bank}", "NaN")
+    assert not out.exists() and not os.path.exists(f"{out}.ckpt")
+
+
+@pytest.mark.parametrize(("body", "teacher", "message"), [
+    ("return x * float('nan')", "euler:10", "--model vel:bad returned NaN or Inf"),
+    ("return x * float('nan')", "exact", "--model vel:bad returned NaN or Inf"),
+    ("return x[:, :1]", "exact", "--model vel:bad returned shape (64, 1) for states of shape (64, 4)"),
+])
+def test_cli_bad_velocity_fails_at_once_in_one_line(tmp_path, monkeypatch, capsys, body, teacher, message):
+    (tmp_path / "vel.py").write_text(f"def bad(x, sigma):\n    {body}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("vel", None)
+    out = tmp_path / "x.json"
+    assert _cli("--model", "vel:bad", "--shape", 4, "--steps", 4, "--samples", 64, "--validation", 32,
+                "--iterations", 20, "--teacher", teacher, "-q", "--out", out) == 2
+    _one_line_error(capsys, message)
+    assert not out.exists() and not os.path.exists(f"{out}.ckpt")
+    sys.modules.pop("vel", None)
+
+
+def test_bad_velocity_raises_the_error_classes():
+    from fewstep.errors import InvalidInput, NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="--model nanv"):
+        S.search_target(S.plain_target(lambda x, s: x * float("inf"), (2,), "nanv"), 3, **small())
+    with pytest.raises(InvalidInput, match=r"returned shape \(48, 1\)"):
+        S.search_target(S.plain_target(lambda x, s: x[:, :1], (2,), "short"), 3, **small())
+
+
+@pytest.mark.parametrize("steps", ["2-50000000000", "2-100000", "2-99999999999999999999999999999", "1-4"])
+def test_cli_steps_range_is_checked_before_it_is_expanded(tmp_path, capsys, steps):
+    assert _cli("--steps", steps, "--out", tmp_path / "x.json") == 2
+    err = _one_line_error(capsys, "--steps must be integers from 2 to 50", repr(steps))
+    assert len(err) < 200
+
+
+def test_cli_diverged_search_names_lr_and_leaves_no_checkpoint(tmp_path, capsys):
+    out = tmp_path / "x.json"
+    assert _cli("--model", "gmm2d", "--steps", 4, "--samples", 64, "--validation", 32, "--iterations", 20, "-q",
+                "--lr", "1e10", "--out", out) == 2
+    _one_line_error(capsys, "diverged", "smaller --lr")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.parametrize("bank", ["", " ", "/", ".."])
+def test_cli_teacher_bank_that_is_no_bank_is_refused_without_advising_removal(tmp_path, capsys, monkeypatch, bank):
+    monkeypatch.chdir(tmp_path)
+    assert _cli(*_FAST, "--teacher-bank", bank, "--out", tmp_path / "x.json") == 2
+    err = _one_line_error(capsys, "--teacher-bank")
+    assert "remove" not in err
+    assert ("empty" in err) if not bank.strip() else ("not a teacher bank" in err and "new folder" in err)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_failed_start_keeps_a_checkpoint_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "x.json"
+    ckpt = tmp_path / "x.json.ckpt"
+    ckpt.write_bytes(b"an earlier search")
+    os.mkdir(tmp_path / "notabank")
+    assert _cli(*_FAST, "--teacher-bank", tmp_path / "notabank", "--out", out) == 2
+    _one_line_error(capsys, "not a teacher bank")
+    assert ckpt.read_bytes() == b"an earlier search" and not out.exists()

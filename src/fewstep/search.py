@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from fewstep.errors import FewstepError, InputFileError, InvalidInput, NonFiniteError
 from fewstep.solvers.neuralsolver import SolverFile
 
 LOSSES = ("final", "robust", "reweighted", "trajectory")
@@ -91,6 +92,27 @@ class Target:
     default_batch: int = 256
     time_h: float = 1e-5  # σ step of the finite-difference time gradient (larger for float32 models)
     default_teacher: str = DEFAULT_TEACHER
+
+
+def _checked(target: Target) -> Target:
+    """`target` whose velocity refuses, in one line naming --model, an output of another shape than its states
+    (InvalidInput) or one holding NaN or Inf (NonFiniteError): caught at the first bad call, before a solver (or
+    DOP853, which never finishes on NaN) makes a traceback or a hang of it."""
+    import torch
+
+    flag = f"--model {target.info.get('model', target.name)}"
+    velocity = target.velocity
+
+    def checked(x: Any, sigma: float, index: Any) -> Any:
+        v = velocity(x, sigma, index)
+        shape = tuple(getattr(v, "shape", ()))
+        if shape != tuple(x.shape):
+            raise InvalidInput(f"{flag} returned shape {shape} for states of shape {tuple(x.shape)}")
+        if not bool(torch.isfinite(torch.as_tensor(v).detach()).all()):
+            raise NonFiniteError(f"{flag} returned NaN or Inf at sigma {float(sigma):.6g}")
+        return v
+
+    return replace(target, velocity=checked)
 
 
 def plain_target(model: Callable[[Any, float], Any], shape: Sequence[int], name: str = "") -> Target:
@@ -509,6 +531,10 @@ class Interrupted(KeyboardInterrupt):
     """The search stopped at an iteration boundary (Ctrl-C or `stop()`); the checkpoint holds its state."""
 
 
+class SearchDiverged(InvalidInput):
+    """The search's parameters became unusable (a learning rate too large); its checkpoint is removed."""
+
+
 @dataclass
 class _Bank:
     """Training noises with their teacher trajectories, validation noises with their teacher final states."""
@@ -521,6 +547,7 @@ class _Bank:
     val_index: Any
     val_final: Any
     teacher_calls: int
+    origin: str = ""  # where the training trajectories come from, for a message about them
 
 
 def _new_candidate(steps: int, init: str, shift: float, mu: float | None, seed: int, restart: int,
@@ -663,6 +690,8 @@ def _run_candidate(fam: _Family, cand: dict, until: int, total: int, cfg: Search
         return fam.models[m](x, s, idx)
 
     while cand["it"] < until:
+        if not all(bool(torch.isfinite(p).all()) for p in (cand["logits"], cand["coeffs"])):
+            break  # diverged: its best validated parameters (if any) stand; search_target refuses a diverged result
         for group in cand["opt"].param_groups:
             group["lr"] = cfg.lr * _lr_factor(cand["it"], total)
         picks = [torch.randint(len(b.train_noise), (n,), generator=cand["gen"])
@@ -678,6 +707,8 @@ def _run_candidate(fam: _Family, cand: dict, until: int, total: int, cfg: Search
                                       cand["logits"], cand["coeffs"], mask, h=fam.time_h[m])
             rows = _Picked(bank.t_states, pick)
             targets = [_interpolate(bank.t_sigmas, rows, s) for s in sigmas]
+            if not all(bool(torch.isfinite(t).all()) for t in targets):
+                raise NonFiniteError(f"{bank.origin or 'the teacher bank'} holds NaN or Inf")
             terms.append(_loss(cfg.loss, states, targets, len(drawn)) * fam.weight(m))
         value = sum(terms[1:], terms[0]) if terms else 0.0 * (cand["logits"].sum() + cand["coeffs"].sum())
         value.backward()
@@ -833,7 +864,8 @@ def make_bank(target: Target, samples: int, validation: int, seed: int, teacher:
         if not _all_sum([float(os.path.lexists(path))])[0]:  # every process decides alike
             _write_bank(path, meta, jobs, solve, calls)
         t_states, val_final = _open_bank(path, meta)
-        return _Bank(train, train_index, sigmas, t_states, val, val_index, val_final, calls[0])
+        return _Bank(train, train_index, sigmas, t_states, val, val_index, val_final, calls[0],
+                     f"--teacher-bank {path}: teacher.npy")
     # With several processes, each solves every world-th chunk.
     results = {job: solve(*job) for j, job in enumerate(jobs) if j % world == rank}
     if world > 1:  # every process gets the whole bank from the chunks' owners
@@ -850,7 +882,8 @@ def make_bank(target: Target, samples: int, validation: int, seed: int, teacher:
     t_states = torch.cat([results["train", a] for a in range(0, samples, chunk)], dim=1)
     finals = [results["val", a] for a in range(0, validation, chunk)]
     val_final = torch.cat(finals) if finals else torch.empty(0, *target.shape, dtype=torch.float64)
-    return _Bank(train, train_index, sigmas, t_states, val, val_index, val_final, calls[0])
+    return _Bank(train, train_index, sigmas, t_states, val, val_index, val_final, calls[0],
+                 f"--model {target.info.get('model', target.name)}: the teacher bank")
 
 
 def _bank_files(meta: dict) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -867,8 +900,6 @@ def _write_bank(path: Path, meta: dict, jobs: list[tuple[str, int]], solve: Call
     always a complete bank. Under torchrun all processes write into the same files, so they must see the same file
     system (one machine, or a shared folder)."""
     from numpy.lib.format import open_memmap
-
-    from fewstep.errors import InputFileError
 
     rank, world = _world()
     flag = f"--teacher-bank {path}"
@@ -924,9 +955,9 @@ def _open_bank(path: Path, meta: dict) -> tuple[np.ndarray, Any]:
     InvalidInput if it holds another search's bank, InputFileError if it is not a readable bank (both name the flag)."""
     import torch
 
-    from fewstep.errors import InputFileError, InvalidInput
-
     flag = f"--teacher-bank {path}"
+    if path.is_dir() and not os.path.lexists(path / "bank.json"):
+        raise InputFileError(f"{flag}: not a teacher bank (no bank.json in it); give a new folder for the bank")
     try:
         saved = json.loads((path / "bank.json").read_text())
         states = np.load(path / "teacher.npy", mmap_mode="r")
@@ -946,6 +977,8 @@ def _open_bank(path: Path, meta: dict) -> tuple[np.ndarray, Any]:
         if array.shape != shape or array.dtype != dtype:
             raise InputFileError(f"{flag}: damaged ({name} holds {array.dtype} {array.shape}, bank.json says "
                                  f"{np.dtype(dtype)} {shape}); remove it or give another path")
+    if not np.isfinite(finals).all():
+        raise NonFiniteError(f"{flag}: validation.npy holds NaN or Inf; remove it or give another path")
     return states, torch.from_numpy(finals)
 
 
@@ -991,9 +1024,33 @@ def search_target(target: Target | Sequence[Target], steps: int | Sequence[int],
     docstring). `samples`, `validation`, `batch` and `teacher` then apply to each member (None: each member's own
     default); every member's noises are drawn from `seed`, as its own search would; `bank` is one bank per member and
     `teacher_bank` a folder holding one bank folder per member (`<k>-<model>`). A list of one is the plain search."""
+    options = dict(locals())
+    done = {"resumed": False, "saved": False}
+    try:
+        return _search_target(**options, _done=done)
+    except FewstepError as err:
+        # A search that fails on bad input (a model's NaN, a damaged bank) or diverges leaves no checkpoint it wrote,
+        # unless it resumed one that still resumes (a diverged search would diverge again).
+        if done["saved"] and (isinstance(err, SearchDiverged) or not done["resumed"]):
+            Path(checkpoint).unlink(missing_ok=True)
+        raise
+
+
+def _search_target(target: Target | Sequence[Target], steps: int | Sequence[int], *, samples: int | None = None,
+                   validation: int | None = None, teacher: str | None = None, teacher_points: int = TEACHER_POINTS,
+                   teacher_dtype: Any = None, iterations: int = DEFAULT_ITERATIONS, batch: int | None = None,
+                   lr: float = DEFAULT_LR, loss: str = DEFAULT_LOSS, restarts: int = DEFAULT_RESTARTS,
+                   explore: float = 0.2, eval_every: int = 0, order_cap: bool = False, shift: float = 1.0,
+                   mu: float | None = None, seed: int = 0,
+                   init: str = "adams2", progress: bool = False, checkpoint: str | os.PathLike | None = None,
+                   stop: Callable[[], bool] | None = None, bank: _Bank | Sequence[_Bank] | None = None,
+                   log: Callable[[str], None] | None = None, teacher_chunk: int = TEACHER_CHUNK,
+                   teacher_bank: str | os.PathLike | None = None,
+                   _done: dict | None = None) -> SolverFile:
+    """The search itself (`search_target`)."""
     import torch
 
-    targets = list(target) if isinstance(target, (list, tuple)) else [target]
+    targets = [_checked(t) for t in (target if isinstance(target, (list, tuple)) else [target])]
     given = None if bank is None else (list(bank) if isinstance(bank, (list, tuple)) else [bank])
     single = len(targets) == 1
     steps = (steps,) if isinstance(steps, (int, np.integer)) else tuple(int(s) for s in steps)
@@ -1043,6 +1100,8 @@ def search_target(target: Target | Sequence[Target], steps: int | Sequence[int],
             saved = {}
         if saved.get("key") == key:
             state = saved
+            if _done is not None:
+                _done["resumed"] = True
             say(f"resuming from {checkpoint} ({len(state.get('done', {}))} of {len(steps)} step counts done)")
         else:
             say(f"checkpoint {checkpoint} is of another search; starting afresh")
@@ -1055,6 +1114,8 @@ def search_target(target: Target | Sequence[Target], steps: int | Sequence[int],
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write(checkpoint, buf.getvalue(), "checkpoint")
+        if _done is not None:
+            _done["saved"] = True
 
     started = time.perf_counter() - state.get("seconds_total", 0.0)
     saved_bank = state.get("bank")
@@ -1104,6 +1165,9 @@ def search_target(target: Target | Sequence[Target], steps: int | Sequence[int],
             save()
 
         dt, matrix, info = _search_steps(fam, n, cfg, current, progress and rank == 0, save_all, stop)
+        if not (np.isfinite(dt).all() and np.isfinite(matrix).all() and (dt > 0).all()):
+            raise SearchDiverged(f"N={n}: the search diverged (lr {lr:g}; its time steps are {dt.tolist()}); give a "
+                                 f"smaller --lr (default {DEFAULT_LR:g})")
         for m, part in enumerate(info.get("members", [info])):  # a family reports Adams-2 per member
             spent = [0]
             part["adams2_validation_rmse"] = (baseline_rmse(fam.models[m], banks[m], "adams2", n, shift, mu, spent)
@@ -1287,9 +1351,13 @@ def parse_steps(text: str) -> list[int]:
         low, dash, high = part.partition("-")
         if not low.isdigit() or (dash and not high.isdigit()):
             raise ValueError(f"--steps: {text!r} is not a step count, a list (4,6,8) or a range (4-10)")
+        if len(low) > 6 or len(high) > 6:  # no huge integers to convert
+            raise ValueError(f"--steps must be integers from 2 to {MAX_SEARCH_STEPS}, got {part!r}")
         lo, hi = int(low), int(high) if dash else int(low)
         if lo > hi:
             raise ValueError(f"--steps: empty range {part!r}")
+        if lo < 2 or hi > MAX_SEARCH_STEPS:  # checked before the range is expanded
+            raise ValueError(f"--steps must be integers from 2 to {MAX_SEARCH_STEPS}, got {part!r}")
         out.update(range(lo, hi + 1))
     return sorted(out)
 
@@ -1353,7 +1421,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     """InvalidInput naming the flag for any value that would make the search fail or write an unsearched solver;
     InputFileError if --out or --teacher-bank cannot be written. Runs before any computation."""
-    from fewstep.errors import InputFileError, InvalidInput
     from fewstep.files import check_output
 
     if args.model is not None and args.problem is not None and args.model != args.problem:
@@ -1414,6 +1481,19 @@ def check_arguments(args: argparse.Namespace) -> None:
         args.prompt_list = read_prompts(args.prompts)
     if not args.out or args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
         raise InvalidInput(f"--out {args.out!r} names a directory; give the solver file's path, e.g. my6.json")
+    if args.teacher_bank is not None:
+        if not args.teacher_bank.strip():
+            raise InvalidInput("--teacher-bank is empty; give the folder for the teacher bank (a new path is created)")
+        if (args.family is None and os.path.isdir(args.teacher_bank)
+                and not os.path.lexists(os.path.join(args.teacher_bank, "bank.json"))):
+            raise InputFileError(f"--teacher-bank {args.teacher_bank}: not a teacher bank (no bank.json in it); give "
+                                 "a new folder for the bank")
+        bank = os.path.realpath(args.teacher_bank)
+        for path in (args.out, checkpoint_path(args.out)):
+            real = os.path.realpath(path)
+            if real == bank or real.startswith(bank.rstrip(os.sep) + os.sep):
+                raise InvalidInput(f"--out {args.out}: {path} is the --teacher-bank folder {args.teacher_bank} or "
+                                   "lies inside it; give an --out outside the bank")
     check_output(args.out, "--out")
     check_output(checkpoint_path(args.out), "checkpoint")
     if args.teacher_bank is not None:
@@ -1426,8 +1506,6 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def read_prompts(path: str) -> list[str]:
     """The non-blank lines of a UTF-8 text file; InputFileError if it cannot be read, InvalidInput if empty."""
-    from fewstep.errors import InputFileError, InvalidInput
-
     try:
         if not Path(path).is_file():
             raise InputFileError(f"--prompts {path}: no such file")
