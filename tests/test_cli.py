@@ -94,6 +94,8 @@ def inputs(tmp_path):
     (["--scheduler", "stork-4", "--scheduler-kwargs", '{"stages": 100000}'], ["--scheduler-kwargs", "stages"]),
     (["--scheduler", "heun", "--steps", "5"], ["heun cannot make exactly 5 model calls"]),
     (["--prompt", "a cat"], ["cannot draw 'a cat'"]),
+    (["--steps", "abc"], ["argument --steps", "invalid int value: 'abc'", "fewstep generate --help"]),  # argparse's
+    (["--scheduler-kwargs"], ["argument --scheduler-kwargs", "expected one argument"]),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "mps"], ["--device", "no"]),
 ])
 def test_bad_values_are_one_line_errors_and_nothing_is_written(capsys, tmp_path, args, fragments):

@@ -15,6 +15,7 @@ import difflib
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from fewstep import __version__
 from fewstep.errors import FewstepError
@@ -33,9 +34,17 @@ def _command_in(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (`fewstep generate: error: argument --steps: ...`), like fewstep's
+    own errors, instead of the usage block first; the usage stays in --help. Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = ALL) -> argparse.ArgumentParser:
     """The parser; the options of `command` only (ALL: every subcommand's, which imports every module)."""
-    parser = argparse.ArgumentParser(prog="fewstep", description="Few-step samplers for diffusion and flow models.",
+    parser = OneLineParser(prog="fewstep", description="Few-step samplers for diffusion and flow models.",
                                      epilog="exit codes: 0 ok, 2 bad input (one line on stderr), 130 interrupted")
     parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
