@@ -111,3 +111,16 @@ def test_family_source_is_one_search_for_its_problems_cached_and_marked_on_each(
     monkeypatch.setattr(fewstep.search, "search", lambda *a, **k: pytest.fail("searched again"))
     assert run(_args(*argv)) == 0
     assert json.loads((out / "transfer.json").read_text()) == rows
+
+
+def test_a_source_without_a_solver_for_an_nfe_keeps_its_row():
+    # A solver file searched only at 4 steps, in a table at 6: its row shows – in every cell instead of vanishing.
+    from fewstep.bench.transfer import Source, matrix
+
+    row = {"source": "a@shift1", "kind": "searched here", "problem": "gmm8d", "grid": "shift1", "nfe": 6,
+           "ratio": 0.5, "undecided": False, "diagonal": False}
+    table = matrix([row], 6, [Source("a@shift1", "gmm8d", "shift1"), Source("four.json", "digits", "shift1",
+                                                                              file=object())])
+    lines = table.splitlines()
+    assert lines[2] == "| a@shift1 (searched here) | **0.50** |"
+    assert lines[3] == "| four.json (file: digits shift1) | – |"

@@ -223,6 +223,7 @@ def _transfer(args: argparse.Namespace, out: Path | None, start: float) -> int:
     from fewstep.bench import transfer as tr
     from fewstep.bench.measure import check_solvers, fewstep_methods, parse_nfe, write_tables
     from fewstep.files import atomic_write
+    from fewstep.search import MAX_SEARCH_STEPS
 
     for flag, given in (("--solvers", args.solvers is not None), ("--refine", args.refine is not None),
                         ("--no-peers", args.no_peers)):
@@ -233,6 +234,9 @@ def _transfer(args: argparse.Namespace, out: Path | None, start: float) -> int:
     cache = _cache(args)
     grids = _grids(args, TRANSFER_GRIDS)
     nfe = parse_nfe(args.nfe if args.nfe is not None else TRANSFER_NFE)
+    if min(nfe) < 2 or max(nfe) > MAX_SEARCH_STEPS:  # every source is a searched solver: 2 to 50 steps
+        raise InvalidInput(f"--nfe: the transfer suite scores searched solvers, which take 2 to {MAX_SEARCH_STEPS} "
+                           f"steps; got {','.join(map(str, nfe))}")
     samples = _positive(args.samples, "--samples", SAMPLES, 2)
     image_samples = _positive(args.image_samples, "--image-samples", IMAGE_SAMPLES, 2)
     resamples = _positive(args.bootstrap, "--bootstrap", stats.RESAMPLES, 100)

@@ -245,18 +245,18 @@ def _ratio(row: dict | None) -> str:
     return text + ("~" if row["undecided"] else "") + (f" {DIAGONAL}" if row["diagonal"] else "")
 
 
-def matrix(rows: list[dict], nfe: int) -> str:
-    """Rows: sources (all but the training-free solver), columns: target problem × grid, cells: the ratio."""
+def matrix(rows: list[dict], nfe: int, sources: list[Source]) -> str:
+    """Rows: every source (a file without a solver for `nfe` shows –), columns: target problem × grid, cells: the
+    ratio."""
     mine = [r for r in rows if r["nfe"] == nfe and r["kind"] != "training-free"]
     columns = list(dict.fromkeys((r["problem"], r["grid"]) for r in rows))
     by = {(r["source"], r["problem"], r["grid"]): r for r in mine}
     lines = ["| source (searched on) | " + " | ".join(f"{p} {g}" for p, g in columns) + " |",
              "|---|" + "---:|" * len(columns)]
-    for r0 in {r["source"]: r for r in mine}.values():
-        on = f"{r0['source_problem'] or '?'} {r0['source_grid'] or '?'}"
-        what = "searched here" if r0["kind"] == "searched here" else f"file: {on}"
-        lines.append(f"| {r0['source']} ({what}) | "
-                     + " | ".join(_ratio(by.get((r0["source"], p, g))) for p, g in columns) + " |")
+    for src in sources:
+        what = "searched here" if src.searched_here else f"file: {src.problem or '?'} {src.grid or '?'}"
+        lines.append(f"| {src.label} ({what}) | "
+                     + " | ".join(_ratio(by.get((src.label, p, g))) for p, g in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -320,7 +320,7 @@ def transfer_markdown(rows: list[dict], sources: list[Source], header: str, grid
               "solver steps on its own searched σ grid whatever the target grid; only the peers' grid changes.")
     parts = ["# Transfer: searched solvers on problems and grids they were not searched on\n", header, "", legend, ""]
     for n in sorted({r["nfe"] for r in rows}):
-        parts += [f"## NFE {n}\n", matrix(rows, n)]
+        parts += [f"## NFE {n}\n", matrix(rows, n, sources)]
     if solver:
         parts += [f"## For comparison: {solver} (training-free, on the target grid) and the best peer\n",
                   f"The same ratio for {solver}; below it the best peer of each cell and its RMSE, the denominator of "
