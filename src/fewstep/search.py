@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import importlib
 import io
 import json
@@ -1003,6 +1004,25 @@ def _fewstep_version() -> str:
     return __version__
 
 
+def _removes_failed_checkpoint(search: Callable[..., SolverFile]) -> Callable[..., SolverFile]:
+    """`search` given a `_done` record it fills in ("resumed", "saved"): a search that fails on bad input (a model's
+    NaN, a damaged bank) or diverges leaves no checkpoint it wrote, unless it resumed one that still resumes (a
+    diverged search would diverge again)."""
+
+    @functools.wraps(search)
+    def wrapper(*args: Any, **kwargs: Any) -> SolverFile:
+        done = {"resumed": False, "saved": False}
+        try:
+            return search(*args, **kwargs, _done=done)
+        except FewstepError as err:
+            if done["saved"] and (isinstance(err, SearchDiverged) or not done["resumed"]):
+                Path(kwargs["checkpoint"]).unlink(missing_ok=True)
+            raise
+
+    return wrapper
+
+
+@_removes_failed_checkpoint
 def search_target(target: Target | Sequence[Target], steps: int | Sequence[int], *, samples: int | None = None,
                   validation: int | None = None, teacher: str | None = None, teacher_points: int = TEACHER_POINTS,
                   teacher_dtype: Any = None, iterations: int = DEFAULT_ITERATIONS, batch: int | None = None,
@@ -1012,7 +1032,8 @@ def search_target(target: Target | Sequence[Target], steps: int | Sequence[int],
                   init: str = "adams2", progress: bool = False, checkpoint: str | os.PathLike | None = None,
                   stop: Callable[[], bool] | None = None, bank: _Bank | Sequence[_Bank] | None = None,
                   log: Callable[[str], None] | None = None, teacher_chunk: int = TEACHER_CHUNK,
-                  teacher_bank: str | os.PathLike | None = None) -> SolverFile:
+                  teacher_bank: str | os.PathLike | None = None,
+                  _done: dict | None = None) -> SolverFile:
     """Search solvers for `target` at each step count in `steps` (one file with several step counts), sharing one
     teacher bank. `checkpoint`: a file the state is saved to (every 30 s, after each step count and when `stop()`
     turns true, which then raises `Interrupted`); an existing checkpoint of the same configuration is resumed, and
@@ -1024,30 +1045,6 @@ def search_target(target: Target | Sequence[Target], steps: int | Sequence[int],
     docstring). `samples`, `validation`, `batch` and `teacher` then apply to each member (None: each member's own
     default); every member's noises are drawn from `seed`, as its own search would; `bank` is one bank per member and
     `teacher_bank` a folder holding one bank folder per member (`<k>-<model>`). A list of one is the plain search."""
-    options = dict(locals())
-    done = {"resumed": False, "saved": False}
-    try:
-        return _search_target(**options, _done=done)
-    except FewstepError as err:
-        # A search that fails on bad input (a model's NaN, a damaged bank) or diverges leaves no checkpoint it wrote,
-        # unless it resumed one that still resumes (a diverged search would diverge again).
-        if done["saved"] and (isinstance(err, SearchDiverged) or not done["resumed"]):
-            Path(checkpoint).unlink(missing_ok=True)
-        raise
-
-
-def _search_target(target: Target | Sequence[Target], steps: int | Sequence[int], *, samples: int | None = None,
-                   validation: int | None = None, teacher: str | None = None, teacher_points: int = TEACHER_POINTS,
-                   teacher_dtype: Any = None, iterations: int = DEFAULT_ITERATIONS, batch: int | None = None,
-                   lr: float = DEFAULT_LR, loss: str = DEFAULT_LOSS, restarts: int = DEFAULT_RESTARTS,
-                   explore: float = 0.2, eval_every: int = 0, order_cap: bool = False, shift: float = 1.0,
-                   mu: float | None = None, seed: int = 0,
-                   init: str = "adams2", progress: bool = False, checkpoint: str | os.PathLike | None = None,
-                   stop: Callable[[], bool] | None = None, bank: _Bank | Sequence[_Bank] | None = None,
-                   log: Callable[[str], None] | None = None, teacher_chunk: int = TEACHER_CHUNK,
-                   teacher_bank: str | os.PathLike | None = None,
-                   _done: dict | None = None) -> SolverFile:
-    """The search itself (`search_target`)."""
     import torch
 
     targets = [_checked(t) for t in (target if isinstance(target, (list, tuple)) else [target])]

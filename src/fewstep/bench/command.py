@@ -217,11 +217,24 @@ def _seed_and_iterations(args: argparse.Namespace) -> None:
         raise InvalidInput(f"--search-iterations must be at least 1, got {args.search_iterations}")
 
 
-def _transfer(args: argparse.Namespace, out: Path | None, start: float) -> int:
+def _headline_solver(args: argparse.Namespace) -> str:
+    """--headline-solver (default: the recommended training-free solver), checked."""
     from fewstep.bench import headline as hl
+    from fewstep.bench.measure import check_solvers, fewstep_methods
+
+    solver = args.headline_solver or hl.default_solver()
+    try:
+        check_solvers([solver])
+    except InvalidInput:
+        raise InvalidInput(f"--headline-solver: unknown solver {solver!r}; available: {', '.join(fewstep_methods())}"
+                           " (or name:key=value)") from None
+    return solver
+
+
+def _transfer(args: argparse.Namespace, out: Path | None, start: float) -> int:
     from fewstep.bench import stats
     from fewstep.bench import transfer as tr
-    from fewstep.bench.measure import check_solvers, fewstep_methods, parse_nfe, write_tables
+    from fewstep.bench.measure import parse_nfe, write_tables
     from fewstep.files import atomic_write
     from fewstep.search import MAX_SEARCH_STEPS
 
@@ -241,12 +254,7 @@ def _transfer(args: argparse.Namespace, out: Path | None, start: float) -> int:
     image_samples = _positive(args.image_samples, "--image-samples", IMAGE_SAMPLES, 2)
     resamples = _positive(args.bootstrap, "--bootstrap", stats.RESAMPLES, 100)
     _seed_and_iterations(args)
-    solver = args.headline_solver or hl.default_solver()
-    try:
-        check_solvers([solver])
-    except InvalidInput:
-        raise InvalidInput(f"--headline-solver: unknown solver {solver!r}; available: {', '.join(fewstep_methods())}"
-                           " (or name:key=value)") from None
+    solver = _headline_solver(args)
     sources = tr.parse_sources(args.sources if args.sources is not None else TRANSFER_SOURCES)
 
     rows = tr.run_transfer(sources, problems, grids, nfe, samples, image_samples, args.seed, args.search_iterations,
@@ -280,7 +288,7 @@ def _transfer(args: argparse.Namespace, out: Path | None, start: float) -> int:
 def _tables(args: argparse.Namespace, suite: str, out: Path | None, start: float) -> int:
     from fewstep.bench import headline as hl
     from fewstep.bench import stats
-    from fewstep.bench.measure import check_solvers, fewstep_methods, parse_nfe, run_bench, write_problem
+    from fewstep.bench.measure import check_solvers, parse_nfe, run_bench, write_problem
     from fewstep.bench.problems import is_image
     from fewstep.files import atomic_write
 
@@ -295,12 +303,7 @@ def _tables(args: argparse.Namespace, suite: str, out: Path | None, start: float
     resamples = _positive(args.bootstrap, "--bootstrap", stats.RESAMPLES, 100)
     _seed_and_iterations(args)
     solvers = check_solvers(args.solvers.split(",") if args.solvers is not None else None)
-    solver = args.headline_solver or hl.default_solver()
-    try:
-        check_solvers([solver])
-    except InvalidInput:
-        raise InvalidInput(f"--headline-solver: unknown solver {solver!r}; available: {', '.join(fewstep_methods())}"
-                           " (or name:key=value)") from None
+    solver = _headline_solver(args)
     want_headline = suite == "headline" or (not args.no_peers and solver in solvers and len(problems) * len(grids) > 1)
     if suite == "headline":
         if args.no_peers:
