@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -295,22 +296,26 @@ def test_shipped_solver_lookup_and_grid_warning():
     assert S.grid_mismatch(SolverFile.load("sit"), 1.0) is None  # a file that does not say
 
 
+def _search_processes(out: Path, args: list[str], processes: int, *extra: str) -> SolverFile:
+    """`fewstep search ARGS --out OUT` in `processes` gloo processes (1: a plain process; more: torchrun), one
+    thread each; the solver file it wrote."""
+    import subprocess
+
+    launch = ["-m", "fewstep"] if processes == 1 else ["-m", "torch.distributed.run", "--nproc-per-node",
+                                                       str(processes), "--standalone", "-m", "fewstep"]
+    done = subprocess.run([sys.executable, *launch, "search", *args, "--out", str(out), *extra], text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, capture_output=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return SolverFile.load(out)
+
+
 def test_torchrun_two_gloo_processes_find_the_same_solver(tmp_path):
     """`torchrun --nproc-per-node 2 -m fewstep search` (gloo on CPU): the teacher chunks and every minibatch are
     split between the processes and the gradients all-reduced; the solver equals one process's to 1e-6 and the file
     records each process's model calls. With --teacher-bank the same, the bank written to disk by both."""
-    import subprocess
-
     args = ["--model", "gmm2d", "--steps", "3,4", "--iterations", "20", "--batch", "16", "--samples", "64",
             "--validation", "32", "--teacher-points", "40", "--restarts", "2", "--seed", "3", "-q"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one, two = tmp_path / "one.json", tmp_path / "two.json"
-    subprocess.run([sys.executable, "-m", "fewstep", "search", *args, "--out", str(one)], check=True, env=env,
-                   timeout=600)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
-                    "fewstep", "search", *args, "--out", str(two)], check=True, env=env, timeout=600,
-                   capture_output=True)
-    a, b = SolverFile.load(one), SolverFile.load(two)
+    a, b = _search_processes(tmp_path / "one.json", args, 1), _search_processes(tmp_path / "two.json", args, 2)
     for n in (3, 4):
         for x, y in zip(a.steps[n], b.steps[n], strict=True):
             np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)  # measured 3e-13
@@ -322,10 +327,7 @@ def test_torchrun_two_gloo_processes_find_the_same_solver(tmp_path):
     assert sum(s["teacher"] for s in shares) == pa["model_calls"]["teacher"]
     assert [s["training"] for s in shares] == [pa["model_calls"]["training"] // 2] * 2
     # --teacher-bank: both processes write their chunks into one folder on disk and map it
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
-                    "fewstep", "search", *args, "--out", str(tmp_path / "disk.json"), "--teacher-bank",
-                    str(tmp_path / "bank")], check=True, env=env, timeout=600, capture_output=True)
-    disk = SolverFile.load(tmp_path / "disk.json")
+    disk = _search_processes(tmp_path / "disk.json", args, 2, "--teacher-bank", str(tmp_path / "bank"))
     for n in (3, 4):
         for x, y in zip(b.steps[n], disk.steps[n], strict=True):
             assert np.array_equal(x, y)
@@ -525,18 +527,9 @@ def test_cli_family_refuses_prompts(tmp_path, capsys):
 def test_torchrun_family_search_equals_one_process(tmp_path):
     """A family under torchrun: each member's minibatch split between 2 gloo processes, gradients all-reduced; the
     solver equals one process's and every member's model calls add up to the same totals."""
-    import subprocess
-
     args = ["--model", "gmm2d,gmm8d", "--steps", "3", "--iterations", "12", "--batch", "16", "--samples", "48",
             "--validation", "16", "--teacher-points", "30", "--restarts", "2", "-q"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one, two = tmp_path / "one.json", tmp_path / "two.json"
-    subprocess.run([sys.executable, "-m", "fewstep", "search", *args, "--out", str(one)], check=True, env=env,
-                   timeout=600)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
-                    "fewstep", "search", *args, "--out", str(two)], check=True, env=env, timeout=600,
-                   capture_output=True)
-    a, b = SolverFile.load(one), SolverFile.load(two)
+    a, b = _search_processes(tmp_path / "one.json", args, 1), _search_processes(tmp_path / "two.json", args, 2)
     for x, y in zip(a.steps[3], b.steps[3], strict=True):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
     assert [m["model_calls"] for m in a.provenance["members"]] == [m["model_calls"] for m in b.provenance["members"]]
