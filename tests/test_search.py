@@ -388,6 +388,27 @@ def test_teacher_bank_on_disk_gives_the_same_solver_and_is_reused(tmp_path):
     assert isinstance(bank.t_states, np.memmap) and bank.teacher_calls == 0
 
 
+def test_two_searches_building_the_same_teacher_bank_at_once_both_use_it(tmp_path):
+    """Two searches started together on one --teacher-bank folder both solve the teacher; the one that finishes
+    second finds the folder taken by the same bank, drops its own and reads that one (no error, nothing left over)."""
+    g = preset("gmm2d")
+    path = tmp_path / "bank"
+    started = [False]
+
+    def model(x, s):
+        if not started[0]:  # the other search runs to completion while this one is solving its teacher
+            started[0] = True
+            S.make_bank(S.plain_target(g.velocity, (2,), "same"), 48, 16, 0, teacher_points=40, path=path)
+        return g.velocity(x, s)
+
+    bank = S.make_bank(S.plain_target(model, (2,), "same"), 48, 16, 0, teacher_points=40, path=path)
+    assert started[0] and bank.teacher_calls > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank"]
+    alone = S.make_bank(S.plain_target(g.velocity, (2,), "same"), 48, 16, 0, teacher_points=40)
+    assert np.array_equal(np.asarray(bank.t_states), alone.t_states.numpy())
+    assert torch.equal(bank.val_final, alone.val_final)
+
+
 def test_teacher_bank_of_another_search_or_damaged_is_refused_in_one_line(tmp_path, capsys):
     path = tmp_path / "bank"
     args = ["--model", "gmm2d", "--steps", 3, "--iterations", 2, "--batch", 8, "--samples", 16, "--validation", 8,

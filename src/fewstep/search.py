@@ -45,6 +45,7 @@ import io
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import time
@@ -904,8 +905,9 @@ def _write_bank(path: Path, meta: dict, jobs: list[tuple[str, int]], solve: Call
 
     rank, world = _world()
     flag = f"--teacher-bank {path}"
-    leader = int(_all_sum([float(os.getpid()) if rank == 0 else 0.0])[0])  # one temporary name for every process
-    tmp = path.parent / f".{path.name}.{leader}.tmp"
+    # One temporary name for every process of this search, and another for any other search (process or thread).
+    token = int(_all_sum([float(secrets.randbits(48)) if rank == 0 else 0.0])[0])
+    tmp = path.parent / f".{path.name}.{token:012x}.tmp"
     files = _bank_files(meta)
     try:
         if rank == 0:
@@ -942,8 +944,12 @@ def _write_bank(path: Path, meta: dict, jobs: list[tuple[str, int]], solve: Call
                 (tmp / "bank.json").write_text(json.dumps({**meta, "teacher_calls": int(total)}, indent=1) + "\n")
                 os.rename(tmp, path)
             except OSError as err:
-                raise InputFileError(f"{flag}: cannot move the finished bank into place ({err.strerror or err})"
-                                     ) from None
+                # A search started at the same time on the same folder finished first: its bank is complete (it was
+                # renamed into place whole), so ours is dropped and _open_bank checks that theirs is this bank.
+                if not os.path.lexists(path / "bank.json"):
+                    raise InputFileError(f"{flag}: cannot move the finished bank into place ({err.strerror or err})"
+                                         ) from None
+                shutil.rmtree(tmp, ignore_errors=True)
         _all_sum([0.0])  # the others open it only once it is there
     except BaseException:
         if rank == 0:
