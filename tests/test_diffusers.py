@@ -624,6 +624,13 @@ def test_epsilon_pixart_real_config_runs_every_solver_with_exact_constant_noise(
     (lambda: FewstepScheduler(prediction_type="epsilon", beta_schedule="cubic"), "beta_schedule must be"),
     (lambda: FewstepScheduler(invert_sigmas=True), "invert_sigmas"),
     (lambda: FewstepScheduler.from_config(DDIMScheduler(rescale_betas_zero_snr=True).config), "zero terminal SNR"),
+    (lambda: FewstepScheduler.from_config(DDIMScheduler(clip_sample=True).config), "clip_sample=True"),
+    (lambda: FewstepScheduler.from_config(DDIMScheduler(thresholding=True).config), "thresholding=True"),
+    (lambda: FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler(stochastic_sampling=True).config),
+     "stochastic_sampling=True"),
+    (lambda: FewstepScheduler(use_karras_sigmas=True, use_beta_sigmas=True), "only one of use_karras_sigmas"),
+    (lambda: FewstepScheduler(solver=None), "solver must be a fewstep solver name"),
+    (lambda: FewstepScheduler(solver_options="x"), "solver_options must be a dict"),
 ])
 def test_bad_construction_is_a_clear_value_error(make, message):
     with pytest.raises(ValueError, match=message):
@@ -640,6 +647,8 @@ def test_bad_construction_is_a_clear_value_error(make, message):
     ("euler", {}, dict(num_inference_steps=3, sigmas=[1.0, 0.5]), "2 sigmas given"),
     ("euler", {}, dict(sigmas=[1.0, 0.6, 0.7]), "strictly decreasing"),
     ("euler", dict(prediction_type="epsilon"), dict(sigmas=[1.0, 0.5]), "VP timesteps"),
+    ("euler", {}, dict(sigmas=[]), "at least one value above 0"),
+    ("euler", {}, dict(sigmas=[1.0, 0.5], timesteps=[1000.0]), "same length"),
 ])
 def test_bad_set_timesteps_is_a_clear_value_error(solver, kwargs, call, message):
     s = FewstepScheduler(solver=solver, **kwargs)
@@ -676,6 +685,116 @@ def test_epsilon_noise_levels_are_ddims_for_every_beta_schedule(beta_schedule):
     for sched in (s, ref):
         sched.set_timesteps(7)
     assert torch.equal(s.timesteps, ref.timesteps.float())
+
+
+def test_from_config_of_an_sd1_config_without_prediction_type_is_epsilon():
+    """SD 1.x's scheduler JSON (PNDMScheduler, diffusers 0.6) has no prediction_type key: ε is what it ran."""
+    sd1 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_start": 0.00085, "beta_end": 0.012,
+           "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+           "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+    s = FewstepScheduler.from_config(sd1, solver="euler")
+    ddim = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                         clip_sample=False)
+    assert s.config.prediction_type == "epsilon"
+    for sched in (s, ddim):
+        sched.set_timesteps(4)
+    assert s.timesteps.tolist() == ddim.timesteps.float().tolist() == [751.0, 501.0, 251.0, 1.0]
+
+
+@pytest.mark.parametrize("spacing", ["karras", "exponential", "beta"])
+@pytest.mark.parametrize("config,mu", [(dict(shift=3.0), None), (FLUX_DEV, 1.15)])
+def test_karras_exponential_and_beta_sigmas_are_flowmatch_eulers(spacing, config, mu):
+    ref = FlowMatchEulerDiscreteScheduler(**config, **{f"use_{spacing}_sigmas": True})
+    s = FewstepScheduler.from_config(ref.config, solver="euler")
+    for sched in (s, ref):
+        sched.set_timesteps(7, mu=mu)
+    torch.testing.assert_close(s.sigmas, ref.sigmas.float(), atol=2e-7, rtol=0)
+    torch.testing.assert_close(s.timesteps, ref.timesteps.float(), atol=2e-4, rtol=0)
+    s.set_timesteps(sigmas=np.linspace(1.0, 0.2, 5), mu=mu)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 0.2, 5), mu=mu)
+    torch.testing.assert_close(s.sigmas, ref.sigmas.float(), atol=2e-7, rtol=0)
+
+
+def test_epsilon_karras_sigmas_are_dpm_solvers():
+    """PixArt-style DPM-Solver config with use_karras_sigmas: the same VP noise levels σ/α, ending at 0."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    ref = DPMSolverMultistepScheduler.from_config(real_config("pixart_sigma"), use_karras_sigmas=True)
+    s = FewstepScheduler.from_config(ref.config, solver="adams2")
+    for sched in (s, ref):
+        sched.set_timesteps(8)
+    vp = (s.sigmas / (1 - s.sigmas)).double()
+    torch.testing.assert_close(vp, ref.sigmas.double(), rtol=2e-5, atol=0)
+    assert torch.allclose(s.timesteps, ref.timesteps.float(), atol=0.5)  # DPM-Solver rounds the timesteps
+
+
+def test_switching_between_fewstep_schedulers_keeps_the_schedule_not_the_solver():
+    adams3 = AdamsScheduler(order=3, shift=3.0)
+    stork = StorkScheduler.from_config(adams3.config)
+    assert stork.config.order == 4 and stork.config.shift == 3.0
+    assert AdamsScheduler.from_config(StorkScheduler(order=2, stages=9).config).config.order == 2
+    options = FewstepScheduler(solver="stork-4", solver_options={"extrapolate": "velocity"}).config
+    s = FewstepScheduler.from_config(options, solver="adams3")
+    assert s.config.solver == "adams3" and not s.config.solver_options
+    kept = FewstepScheduler.from_config(options)
+    assert kept.config.solver_options == {"extrapolate": "velocity"}
+
+
+def test_diffusers_flow_schedulers_built_from_ours_are_flow_matching():
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    ours = FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    for cls in (UniPCMultistepScheduler, DPMSolverMultistepScheduler):
+        other = cls.from_config(ours.config)
+        assert other.config.use_flow_sigmas and other.config.flow_shift == 3.0
+        assert other.config.prediction_type == "flow_prediction"
+        other.set_timesteps(6)
+        assert 0 <= float(other.sigmas.min()) and float(other.sigmas.max()) <= 1  # flow σ, not VP σ/α
+    assert not FewstepScheduler.from_config(DDIMScheduler(clip_sample=False).config).config.use_flow_sigmas
+
+
+def test_sigmas_with_separate_timesteps_integrate_the_sigmas_and_give_the_model_the_timesteps():
+    """CogView4 / GLM-Image pass both: FlowMatchEuler integrates the shifted sigmas and hands the model the
+    timesteps. fewstep's Euler does the same; Heun's stages get timesteps interpolated between their nodes'."""
+    config = dict(FLUX_DEV, base_shift=0.25, max_shift=0.75, base_image_seq_len=256)
+    timesteps = np.linspace(1000.0, 1.0, 6)
+    sigmas = timesteps / 1000.0
+    ref = FlowMatchEulerDiscreteScheduler(**config)
+    s = FewstepScheduler.from_config(ref.config, solver="euler")
+    for sched in (s, ref):
+        sched.set_timesteps(sigmas=sigmas, timesteps=timesteps, mu=0.6)
+    torch.testing.assert_close(s.timesteps, ref.timesteps.float(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(s.sigmas, ref.sigmas.float(), atol=2e-7, rtol=0)
+    x = torch.randn(1, 16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    seen = {"ours": [], "diffusers": []}
+    outs = [run(sched, lambda x, t, key=key: seen[key].append(float(t)) or gaussian_velocity(x, t), x)
+            for key, sched in (("ours", s), ("diffusers", ref))]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
+    assert seen["ours"] == seen["diffusers"] == pytest.approx(timesteps.tolist(), abs=1e-4)
+    heun = FewstepScheduler.from_config(ref.config, solver="heun")
+    heun.set_timesteps(sigmas=sigmas, timesteps=timesteps, mu=0.6)
+    assert heun.timesteps[0] == 1000.0 and 1.0 <= float(heun.timesteps.min()) and len(heun.timesteps) == 6
+    assert torch.all(torch.diff(heun.timesteps) <= 0)
+
+
+def test_begin_index_at_the_end_is_accepted_and_stepping_then_says_nothing_is_left():
+    """img2img at strength 0: FlowMatchEuler accepts set_begin_index(N) and the pipeline reports 0 steps itself."""
+    s = FewstepScheduler(solver="adams-denoise")
+    s.set_timesteps(5)
+    s.set_begin_index(5)
+    x = torch.zeros(1, 4)
+    with pytest.raises(InvalidInput, match="no model calls are left"):
+        s.step(x, s.timesteps[-1], x)
+    s.set_timesteps(5)  # a new run works again
+    assert run(s, constant(torch.ones(1, 4)), x).shape == x.shape
+
+
+def test_per_token_timesteps_are_refused_with_a_clear_message():
+    s = FewstepScheduler()
+    s.set_timesteps(4)
+    x = torch.zeros(1, 4)
+    with pytest.raises(InvalidInput, match="per_token_timesteps"):
+        s.step(x, s.timesteps[0], x, per_token_timesteps=torch.full((1, 4), 1000.0))
 
 
 def test_stepping_wrongly_is_a_clear_value_error():

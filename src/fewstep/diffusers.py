@@ -38,7 +38,7 @@ from diffusers.utils import BaseOutput
 from fewstep.entry import enter, epsilon_plan, flow_time, vp_scale
 from fewstep.errors import InvalidInput
 from fewstep.sampling import resolve_solver
-from fewstep.schedules import flow_sigmas, resample_grid
+from fewstep.schedules import SPACINGS, flow_sigmas, resample_grid, respace
 from fewstep.search import GridMismatchWarning, grid_mismatch
 from fewstep.solvers.neuralsolver import NeuralSolver
 from fewstep.solvers.plan import PlanRun, grid_plan, intervals_for
@@ -53,7 +53,14 @@ TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 # default of ours to replace. Our own config never lists them as defaults, so they survive a trip through other classes.
 SCHEDULE_KEYS = ("num_train_timesteps", "prediction_type", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
                  "base_image_seq_len", "max_image_seq_len", "time_shift_type", "shift_terminal", "invert_sigmas",
-                 "beta_start", "beta_end", "beta_schedule", "trained_betas", "timestep_spacing", "steps_offset")
+                 "beta_start", "beta_end", "beta_schedule", "trained_betas", "timestep_spacing", "steps_offset",
+                 *(f"use_{name}_sigmas" for name in SPACINGS))
+# Source-scheduler options that change what the sampler computes and that no fewstep solver does: refused in
+# from_config rather than kept as hidden config that silently does nothing. clip_sample is only refused when asked for:
+# DDIMScheduler() and DDPMScheduler() default to it, and latent-diffusion configs (SD, PixArt) switch it off.
+UNSUPPORTED = {"rescale_betas_zero_snr": "zero terminal SNR", "thresholding": "dynamic thresholding of x0",
+               "stochastic_sampling": "stochastic sampling (fewstep solvers are ODE solvers)",
+               "clip_sample": "clipping x0 to clip_sample_range"}
 
 
 @dataclass
@@ -61,7 +68,7 @@ class FewstepSchedulerOutput(BaseOutput):
     prev_sample: torch.Tensor
 
 
-def _schedule_of(config: dict) -> dict:
+def _schedule_of(config: dict, cls: type) -> dict:
     """`config` with the source scheduler's own schedule made explicit in our keys, so that `from_config` keeps what
     the source did (module doc, "from_config"): flow or ε, and the shift under its name here."""
     config = dict(config)
@@ -75,18 +82,36 @@ def _schedule_of(config: dict) -> dict:
         config["prediction_type"] = "flow_prediction"
         if "flow_shift" in config:
             config["shift"] = config["flow_shift"]
+    elif isinstance(source, str) and source not in _our_classes() and "prediction_type" not in config:
+        # Early configs (SD 1.x's PNDMScheduler JSON) have no prediction_type: the class default, ε, is what ran.
+        config["prediction_type"] = "epsilon"
+    if config.get("fewstep_class", cls.__name__) != cls.__name__:
+        # Another fewstep scheduler's solver and its options (StorkScheduler's order 4 is not AdamsScheduler's order
+        # 4): the schedule is kept, the solver is this class's default, as between two diffusers classes.
+        config = {k: v for k, v in config.items() if k not in _solver_keys()}
     # A default of the source class is still what that scheduler did, not a default of ours to replace.
     config["_use_default_values"] = [k for k in config.get("_use_default_values", []) if k not in SCHEDULE_KEYS]
     return config
 
 
 def _our_classes() -> set[str]:
-    classes, todo = set(), [FewstepScheduler]
+    return {cls.__name__ for cls in _our_types()}
+
+
+def _our_types() -> list[type]:
+    classes, todo = [], [FewstepScheduler]
     while todo:
         cls = todo.pop()
-        classes.add(cls.__name__)
+        classes.append(cls)
         todo += cls.__subclasses__()
     return classes
+
+
+def _solver_keys() -> set[str]:
+    """The config keys that choose a solver and its options (every class's own __init__ keys, not schedule keys)."""
+    base = set(inspect.signature(FewstepScheduler.__init__.__wrapped__).parameters) - {"solver", "solver_options"}
+    own = {name for cls in _our_types() for name in inspect.signature(cls.__init__).parameters}
+    return own - base - {"self", "schedule"}
 
 
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
@@ -110,7 +135,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                  time_shift_type: str = "exponential", shift_terminal: float | None = None,
                  invert_sigmas: bool = False, prediction_type: str = "flow_prediction", beta_start: float = 0.0001,
                  beta_end: float = 0.02, beta_schedule: str = "linear", trained_betas: list[float] | None = None,
-                 timestep_spacing: str = "leading", steps_offset: int = 0):
+                 timestep_spacing: str = "leading", steps_offset: int = 0, use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False):
+        if not isinstance(solver, str):
+            raise InvalidInput(f"solver must be a fewstep solver name (`fewstep solvers` lists them), got {solver!r}")
+        if solver_options is not None and not isinstance(solver_options, dict):
+            raise InvalidInput(f"solver_options must be a dict of the solver's options, got {solver_options!r}")
         if prediction_type not in PREDICTIONS:
             raise InvalidInput(f"prediction_type must be one of {', '.join(PREDICTIONS)}, got {prediction_type!r}")
         if invert_sigmas:
@@ -135,6 +165,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                                      timestep_spacing=timestep_spacing, steps_offset=steps_offset)
             # Flow time of every training timestep; increasing in t, so t ↔ s is a monotone interpolation.
             self._flow_time = flow_time(self._vp.alphas_cumprod.double().numpy())
+        spacings = [name for name in SPACINGS if self.config[f"use_{name}_sigmas"]]
+        if len(spacings) > 1:
+            raise InvalidInput(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be True, "
+                               f"got {', '.join(f'use_{name}_sigmas' for name in spacings)}")
+        self._spacing = spacings[0] if spacings else None
         self._shift = shift
         self.timesteps = None
         self.sigmas = None
@@ -150,7 +185,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         # the name UniPC / DPM-Solver read in flow mode.
         defaults = self.config.get("_use_default_values", [])
         self.register_to_config(_use_default_values=[k for k in defaults if k not in SCHEDULE_KEYS],
-                                flow_shift=shift)
+                                flow_shift=shift, use_flow_sigmas=not self._epsilon,
+                                fewstep_class=type(self).__name__)
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
@@ -162,13 +198,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise InvalidInput("from_config needs a config (a scheduler's .config, a dict, or a saved config folder)")
         if not isinstance(config, dict):  # a path, as diffusers' own schedulers still accept
             config, kwargs = cls.load_config(config, return_unused_kwargs=True, **kwargs)
-        # DDIM keys this adapter does not implement would otherwise stay hidden config and change the noise levels
-        # silently (zero-terminal-SNR rescaling); `set_alpha_to_one` needs no key: sampling always ends at σ = 0.
-        if {**config, **kwargs}.get("rescale_betas_zero_snr"):
-            raise InvalidInput("rescale_betas_zero_snr=True (zero terminal SNR) is not supported")
-        made = super().from_config(_schedule_of(config), return_unused_kwargs=return_unused_kwargs, **kwargs)
+        # `set_alpha_to_one` needs no key: sampling always ends at σ = 0.
+        merged, defaults = {**config, **kwargs}, set(config.get("_use_default_values", []))
+        for key, what in UNSUPPORTED.items():
+            if merged.get(key) and not (key == "clip_sample" and key in defaults and key not in kwargs):
+                raise InvalidInput(f"{key}=True ({what}) is not supported; pass {key}=False")
+        if "solver" in kwargs and kwargs["solver"] != config.get("solver") and "solver_options" not in kwargs:
+            config = {k: v for k, v in config.items() if k != "solver_options"}  # they were the old solver's
+        made = super().from_config(_schedule_of(config, cls), return_unused_kwargs=return_unused_kwargs, **kwargs)
         scheduler = made[0] if return_unused_kwargs else made
-        scheduler.register_to_config(flow_shift=scheduler.config.shift)  # not the source's hidden one
+        # not the source's hidden ones
+        scheduler.register_to_config(flow_shift=scheduler.config.shift, use_flow_sigmas=not scheduler._epsilon,
+                                     fewstep_class=cls.__name__)
         return made
 
     @property
@@ -196,11 +237,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                       sigmas: list[float] | np.ndarray | None = None, mu: float | None = None,
                       timesteps: list[float] | np.ndarray | None = None) -> None:
         """`num_inference_steps` = model calls. `sigmas` (flow): N values as Flux passes them, shifted like
-        FlowMatchEuler, N calls. `timesteps`: the grid nodes, used as given (no shift; flow: σ·1000, epsilon: VP
-        indices); the calls are the solver's on them."""
+        FlowMatchEuler, N calls. `timesteps` alone: the grid nodes, used as given (no shift; flow: σ·1000, epsilon:
+        VP indices); the calls are the solver's on them. Both (CogView4, GLM-Image): as FlowMatchEuler, the shifted
+        `sigmas` are integrated and the model is given `timesteps` (a call between nodes, Heun's stage, gets the
+        timestep interpolated between its nodes')."""
         cfg = self.config
+        model_timesteps = None
         if sigmas is not None and timesteps is not None:
-            raise InvalidInput("pass either `sigmas` or `timesteps`, not both")
+            model_timesteps = np.asarray(timesteps, dtype=np.float64).ravel()
+            if len(model_timesteps) != len(np.ravel(sigmas)):
+                raise InvalidInput(f"`sigmas` and `timesteps` must have the same length, got {len(np.ravel(sigmas))} "
+                                   f"and {len(model_timesteps)}")
+            timesteps = None
         if self._epsilon and (sigmas is not None or mu is not None):
             raise InvalidInput("prediction_type='epsilon' uses VP timesteps: pass `timesteps`, not sigmas or mu")
         if not self._epsilon and cfg.use_dynamic_shifting and mu is None:
@@ -218,16 +266,27 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             grid = np.r_[self._flow_time_of(nodes) if self._epsilon else nodes / cfg.num_train_timesteps, 0.0]
         elif sigmas is not None:
             body = np.asarray(sigmas, dtype=np.float64).ravel()
+            if body.size == 0 or body[0] == 0:
+                raise InvalidInput(f"sigmas needs at least one value above 0, got {body.tolist()}")
             body = body[:-1] if body[-1] == 0 else body
             if num_inference_steps not in (None, len(body)):
                 raise InvalidInput(f"{len(body)} sigmas given but num_inference_steps={num_inference_steps}")
             calls = len(body)
             n = self._intervals(calls)
+            if model_timesteps is not None:  # each given timestep goes with its sigma, shifted
+                nodes = flow_sigmas(sigmas=body.tolist(), **self._shifting(mu))[:-1]
+                model_timesteps = model_timesteps[:len(body)]
             if n != calls:  # Heun: 2 calls per interval, so N calls need N/2 nodes of the same schedule
                 body = resample_grid(body, n - 1)
             grid = flow_sigmas(sigmas=body.tolist(), **self._shifting(mu))
         elif num_inference_steps is None:
             raise InvalidInput("set_timesteps needs num_inference_steps, sigmas or timesteps")
+        elif self._epsilon and self._spacing:
+            # DPM-Solver's use_*_sigmas: VP σ = s/(1−s) from the highest training timestep's down to the lowest's,
+            # re-spaced, then σ = 0.
+            top, low = self._flow_time[-1], self._flow_time[0]
+            vp = respace(top / (1 - top), low / (1 - low), self._intervals(calls), self._spacing)
+            grid = np.r_[vp / (1 + vp), 0.0]
         elif self._epsilon:
             grid = np.r_[self._flow_time_of(self._vp_timesteps(self._intervals(calls))), 0.0]
         else:
@@ -247,7 +306,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             self._warn_grid(mu)
         self._grid = np.asarray(grid, dtype=np.float64)
         self._plan = plan  # in flow variables; `_start_at` rewrites the plan it runs for ε models
-        t = self._timestep_of(plan.sigmas) if self._epsilon else plan.sigmas * cfg.num_train_timesteps
+        if model_timesteps is not None:
+            t = np.interp(plan.sigmas, nodes[::-1], model_timesteps[::-1])
+        else:
+            t = self._timestep_of(plan.sigmas) if self._epsilon else plan.sigmas * cfg.num_train_timesteps
         self.timesteps = torch.from_numpy(t).to(torch.float32).to(device)
         # σ of every call plus the end (flow time s for epsilon), on the CPU as FlowMatchEuler keeps it: no syncs.
         self.sigmas = torch.from_numpy(np.r_[plan.sigmas, plan.sigma_end]).to(torch.float32)
@@ -287,7 +349,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         return dict(shift=self._shift, mu=mu if cfg.use_dynamic_shifting else None, time_shift_type=cfg.time_shift_type,
                     dynamic_shifting=cfg.use_dynamic_shifting, shift_terminal=cfg.shift_terminal,
-                    num_train_timesteps=cfg.num_train_timesteps)
+                    num_train_timesteps=cfg.num_train_timesteps, spacing=self._spacing)
 
     def _flow_time_of(self, t: np.ndarray) -> np.ndarray:
         """VP timestep (float OK) → flow time s, piecewise linear between training timesteps."""
@@ -300,7 +362,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """Where the pipeline enters (img2img: `t_start * order`). Re-plans here, so that a solver that cannot start
         mid-schedule fails before the denoising loop."""
         fresh = self._offset == begin_index and self._step_index is None  # set_timesteps already started there
-        if self._plan is not None and not fresh:
+        if self._plan is not None and begin_index == self._plan.calls:
+            # Nothing left to run (img2img at strength 0): as FlowMatchEuler, accepted here; the pipeline then says
+            # it has no steps, and a step() would say there are none.
+            self._run, self._offset = None, begin_index
+        elif self._plan is not None and not fresh:
             self._start_at(begin_index)
         self._begin_index = begin_index
         self._repeat_at = None
@@ -366,8 +432,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return self._noised(original_samples, noise, torch.from_numpy(s))
 
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
-             generator: torch.Generator | None = None, return_dict: bool = True
-             ) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
+             generator: torch.Generator | None = None, return_dict: bool = True,
+             per_token_timesteps: torch.Tensor | None = None) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
         """One model call. Integrates from `sample` (a callback may have replaced it) in float32 (float64 for float64
         tensors) and returns `model_output`'s dtype. bf16/fp16 inputs are kept as they are (upcasting them is exact)
         and read into float32 by the combination itself (`fewstep.solvers.plan.combine`), so no copies are made.
@@ -377,6 +443,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         second occurrence, as FlowMatchEuler/FlowMatchHeun do. If the pipeline had sliced at the first one, its second
         call comes at the same timestep: that call re-synchronises (returns `sample` as it is, as a Heun entry between
         stages does with a begin index), and the run ends exactly where it does with set_begin_index."""
+        if per_token_timesteps is not None:
+            raise InvalidInput("per_token_timesteps (a noise level per token, LTX-Video conditioning) is not supported "
+                               "by fewstep's multistep solvers; use FlowMatchEulerDiscreteScheduler for this pipeline")
+        if self._run is None and self._plan is not None:
+            raise InvalidInput("no model calls are left: set_begin_index was given the number of calls")
         if self._step_index is None:
             if self._run is None:
                 raise InvalidInput("call set_timesteps before step")

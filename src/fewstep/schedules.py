@@ -32,10 +32,30 @@ def time_shift(sigmas: np.ndarray, *, shift: float = 1.0, mu: float | None = Non
     raise InvalidInput(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
 
 
+SPACINGS = ("karras", "exponential", "beta")
+
+
+def respace(hi: float, lo: float, n: int, spacing: str) -> np.ndarray:
+    """n values from `hi` down to `lo`, spaced as diffusers' `use_karras_sigmas` (Karras et al. 2022, eq. 5, ρ = 7:
+    uniform in σ^(1/ρ)), `use_exponential_sigmas` (uniform in log σ) or `use_beta_sigmas` (Lee et al. 2024: quantiles
+    of Beta(0.6, 0.6), dense at both ends)."""
+    u = np.linspace(0.0, 1.0, n)
+    if spacing == "karras":
+        rho = 7.0
+        return (hi ** (1 / rho) + u * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    if spacing == "exponential":
+        return np.exp(np.linspace(math.log(hi), math.log(lo), n))
+    if spacing == "beta":
+        from scipy.stats import beta
+
+        return lo + beta.ppf(1.0 - u, 0.6, 0.6) * (hi - lo)
+    raise InvalidInput(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+
+
 def flow_sigmas(intervals: int | None = None, shift: float = 1.0, mu: float | None = None, *,
                 time_shift_type: str = "exponential", dynamic_shifting: bool | None = None,
                 sigmas: Sequence[float] | None = None, shift_terminal: float | None = None,
-                num_train_timesteps: int = 1000) -> np.ndarray:
+                num_train_timesteps: int = 1000, spacing: str | None = None) -> np.ndarray:
     """The σ grid of diffusers' `FlowMatchEulerDiscreteScheduler` after `set_timesteps(intervals, sigmas=, mu=)`,
     with the terminal 0 appended: `intervals + 1` values (a solver's model calls per interval: `intervals_for`).
 
@@ -43,7 +63,8 @@ def flow_sigmas(intervals: int | None = None, shift: float = 1.0, mu: float | No
     σ_max, σ_min come from the float32 1000-point training grid, already shifted once, and are shifted again
     (diffusers #13243); with dynamic shifting the training grid is not shifted. User `sigmas` are shifted too;
     a user grid that already ends in 0 gets no second 0 (official STORK's bug #11).
-    `dynamic_shifting=None` means "dynamic iff `mu` is given".
+    `dynamic_shifting=None` means "dynamic iff `mu` is given". `spacing` ("karras", "exponential", "beta"; `respace`)
+    re-spaces the shifted values last, as FlowMatchEuler's use_*_sigmas options do.
     """
     dynamic = (mu is not None) if dynamic_shifting is None else dynamic_shifting
     if dynamic and mu is None:
@@ -60,6 +81,8 @@ def flow_sigmas(intervals: int | None = None, shift: float = 1.0, mu: float | No
         base = base / num_train_timesteps
     else:
         base = np.asarray(sigmas, dtype=np.float64).ravel()
+        if len(base) == 0 or (base[-1] == 0 and len(base) == 1):
+            raise InvalidInput("sigmas is empty: give at least one σ above 0")
         if intervals is not None and len(base) != intervals and not (base[-1] == 0 and len(base) == intervals + 1):
             raise InvalidInput(f"{len(base)} sigmas given but intervals={intervals}")
     ends_at_zero = base[-1] == 0
@@ -70,6 +93,8 @@ def flow_sigmas(intervals: int | None = None, shift: float = 1.0, mu: float | No
         # Stretch so that the last σ equals shift_terminal (Qwen-Image uses 0.02): 1−σ is scaled, σ=1 stays put.
         one_minus = 1.0 - body
         body = 1.0 - one_minus / (one_minus[-1] / (1.0 - shift_terminal))
+    if spacing is not None:
+        body = respace(body[0], body[-1], len(body), spacing)
     grid = np.concatenate([body, [0.0]])
     check_grid(grid)
     return grid
