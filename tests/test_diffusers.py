@@ -359,8 +359,8 @@ def test_from_real_checkpoint_configs(name, steps, mu):
         assert s.config[key] == cfg[key], key
     if name == "pixart_sigma":
         s.set_timesteps(steps)
-        torch.testing.assert_close(s.timesteps, torch.from_numpy(np.linspace(0, 999, steps).round()[::-1].copy())
-                                   .float())  # timestep_spacing "linspace"
+        # DPM-Solver's "linspace" (N + 1 values without t = 0), not DDIM's: the same calls as the pipeline's own.
+        assert s.timesteps.tolist() == np.linspace(0, 999, steps + 1).round()[::-1][:-1].tolist()
         return
     s.set_timesteps(sigmas=np.linspace(1, 1 / steps, steps), mu=mu) if mu is not None else s.set_timesteps(steps)
     ref = FlowMatchEulerDiscreteScheduler.from_config(cfg)
@@ -521,6 +521,25 @@ def test_epsilon_euler_is_ddim_eta_0(steps, dtype, atol):
         b = ref.step(gaussian_epsilon(b, t_ref), t_ref, b, eta=0.0).prev_sample
     assert a.dtype == dtype
     torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_epsilon_euler_from_a_dpm_solver_config_is_first_order_dpm_solver_on_its_timesteps(spacing):
+    """A DPM-Solver config (PixArt-Σ's) keeps DPM-Solver's timestep spacing (no call at t = 0; the last step goes to
+    σ = 0), and Euler there is DPM-Solver++ of order 1 (DDIM) on those timesteps."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    ref = DPMSolverMultistepScheduler(solver_order=1, timestep_spacing=spacing, lower_order_final=True)
+    ours = FewstepScheduler.from_config(ref.config, solver="euler")
+    for s in (ref, ours):
+        s.set_timesteps(6)
+    assert ours.timesteps.tolist() == ref.timesteps.float().tolist() and min(ours.timesteps.tolist()) > 0
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a, b = x.clone(), x.clone()
+    for t, t_ref in zip(ours.timesteps, ref.timesteps, strict=True):
+        a = ours.step(gaussian_epsilon(a, t), t, a).prev_sample
+        b = ref.step(gaussian_epsilon(b, t_ref), t_ref, b).prev_sample
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
 def test_from_config_of_a_default_ddim_scheduler_is_epsilon():
@@ -740,17 +759,10 @@ def test_switching_between_fewstep_schedulers_keeps_the_schedule_not_the_solver(
     assert kept.config.solver_options == {"extrapolate": "velocity"}
 
 
-def test_diffusers_flow_schedulers_built_from_ours_are_flow_matching():
-    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
-
+def test_our_config_has_no_use_flow_sigmas_so_flux_pipelines_keep_passing_their_sigmas():
+    """FluxPipeline drops its sigmas (and the scheduler makes its own grid) when the config says use_flow_sigmas."""
     ours = FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
-    for cls in (UniPCMultistepScheduler, DPMSolverMultistepScheduler):
-        other = cls.from_config(ours.config)
-        assert other.config.use_flow_sigmas and other.config.flow_shift == 3.0
-        assert other.config.prediction_type == "flow_prediction"
-        other.set_timesteps(6)
-        assert 0 <= float(other.sigmas.min()) and float(other.sigmas.max()) <= 1  # flow σ, not VP σ/α
-    assert not FewstepScheduler.from_config(DDIMScheduler(clip_sample=False).config).config.use_flow_sigmas
+    assert "use_flow_sigmas" not in ours.config and ours.config.flow_shift == 3.0
 
 
 def test_sigmas_with_separate_timesteps_integrate_the_sigmas_and_give_the_model_the_timesteps():

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
@@ -47,6 +47,10 @@ from fewstep.solvers.registry import RECOMMENDED
 PREDICTIONS = {"flow_prediction": "flow", "epsilon": "epsilon"}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+# How `timestep_spacing` places N VP timesteps. DDIM (and PNDM, DDPM, Euler): N values from the top down to t ≈ 0, so
+# the last call is at the lowest training noise; DPM-Solver (and UniPC, DEIS): N + 1 values without the lowest, the
+# last step going from t > 0 to σ = 0. The same name means different grids to the two families.
+SPACING_RULES = {"ddim": DDIMScheduler, "dpm-solver": DPMSolverMultistepScheduler}
 # Keys that describe the model's training schedule (flow: the shift and its variants; ε: the VP betas and spacing).
 # `from_config` keeps them even when the source scheduler only had them as defaults (DDIMScheduler() records every key
 # in `_use_default_values`): DDIM's default prediction_type "epsilon" says what the model predicts, it is not a
@@ -54,12 +58,14 @@ TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 SCHEDULE_KEYS = ("num_train_timesteps", "prediction_type", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
                  "base_image_seq_len", "max_image_seq_len", "time_shift_type", "shift_terminal", "invert_sigmas",
                  "beta_start", "beta_end", "beta_schedule", "trained_betas", "timestep_spacing", "steps_offset",
+                 "timestep_spacing_rule",
                  *(f"use_{name}_sigmas" for name in SPACINGS))
 # Source-scheduler options that change what the sampler computes and that no fewstep solver does: refused in
 # from_config rather than kept as hidden config that silently does nothing. clip_sample is only refused when asked for:
 # DDIMScheduler() and DDPMScheduler() default to it, and latent-diffusion configs (SD, PixArt) switch it off.
 UNSUPPORTED = {"rescale_betas_zero_snr": "zero terminal SNR", "thresholding": "dynamic thresholding of x0",
                "stochastic_sampling": "stochastic sampling (fewstep solvers are ODE solvers)",
+               "use_lu_lambdas": "a grid uniform in log-SNR",
                "clip_sample": "clipping x0 to clip_sample_range"}
 
 
@@ -85,6 +91,8 @@ def _schedule_of(config: dict, cls: type) -> dict:
     elif isinstance(source, str) and source not in _our_classes() and "prediction_type" not in config:
         # Early configs (SD 1.x's PNDMScheduler JSON) have no prediction_type: the class default, ε, is what ran.
         config["prediction_type"] = "epsilon"
+    if "solver_order" in config:  # DPM-Solver, UniPC, DEIS (in memory a config has no _class_name): their spacing
+        config["timestep_spacing_rule"] = "dpm-solver"
     if config.get("fewstep_class", cls.__name__) != cls.__name__:
         # Another fewstep scheduler's solver and its options (StorkScheduler's order 4 is not AdamsScheduler's order
         # 4): the schedule is kept, the solver is this class's default, as between two diffusers classes.
@@ -135,7 +143,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                  time_shift_type: str = "exponential", shift_terminal: float | None = None,
                  invert_sigmas: bool = False, prediction_type: str = "flow_prediction", beta_start: float = 0.0001,
                  beta_end: float = 0.02, beta_schedule: str = "linear", trained_betas: list[float] | None = None,
-                 timestep_spacing: str = "leading", steps_offset: int = 0, use_karras_sigmas: bool = False,
+                 timestep_spacing: str = "leading", steps_offset: int = 0, timestep_spacing_rule: str = "ddim",
+                 use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False):
         if not isinstance(solver, str):
             raise InvalidInput(f"solver must be a fewstep solver name (`fewstep solvers` lists them), got {solver!r}")
@@ -158,11 +167,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if timestep_spacing not in TIMESTEP_SPACINGS:
                 raise InvalidInput(f"timestep_spacing must be {', '.join(TIMESTEP_SPACINGS)}, got "
                                    f"{timestep_spacing!r}")
-            # diffusers' own VP schedule: ᾱ and the timestep spacing of DDIMScheduler with the same keys, so that a
-            # timestep means the same noise level to both.
-            self._vp = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                                     beta_schedule=beta_schedule, trained_betas=trained_betas,
-                                     timestep_spacing=timestep_spacing, steps_offset=steps_offset)
+            if timestep_spacing_rule not in SPACING_RULES:
+                raise InvalidInput(f"timestep_spacing_rule must be {', '.join(SPACING_RULES)}, got "
+                                   f"{timestep_spacing_rule!r}")
+            # diffusers' own VP schedule: ᾱ and the timestep spacing of DDIMScheduler (or DPM-Solver) with the same
+            # keys, so that a timestep means the same noise level to both.
+            self._vp = SPACING_RULES[timestep_spacing_rule](
+                num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                beta_schedule=beta_schedule, trained_betas=trained_betas, timestep_spacing=timestep_spacing,
+                steps_offset=steps_offset)
             # Flow time of every training timestep; increasing in t, so t ↔ s is a monotone interpolation.
             self._flow_time = flow_time(self._vp.alphas_cumprod.double().numpy())
         spacings = [name for name in SPACINGS if self.config[f"use_{name}_sigmas"]]
@@ -185,8 +198,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         # the name UniPC / DPM-Solver read in flow mode.
         defaults = self.config.get("_use_default_values", [])
         self.register_to_config(_use_default_values=[k for k in defaults if k not in SCHEDULE_KEYS],
-                                flow_shift=shift, use_flow_sigmas=not self._epsilon,
-                                fewstep_class=type(self).__name__)
+                                flow_shift=shift, fewstep_class=type(self).__name__)
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
@@ -208,8 +220,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         made = super().from_config(_schedule_of(config, cls), return_unused_kwargs=return_unused_kwargs, **kwargs)
         scheduler = made[0] if return_unused_kwargs else made
         # not the source's hidden ones
-        scheduler.register_to_config(flow_shift=scheduler.config.shift, use_flow_sigmas=not scheduler._epsilon,
-                                     fewstep_class=cls.__name__)
+        scheduler.register_to_config(flow_shift=scheduler.config.shift, fewstep_class=cls.__name__)
         return made
 
     @property
@@ -338,7 +349,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return intervals_for(self._solver, int(calls), self._solver_name)
 
     def _vp_timesteps(self, n: int) -> np.ndarray:
-        """n decreasing VP timesteps: DDIMScheduler's own, for the config's timestep_spacing and steps_offset."""
+        """n decreasing VP timesteps: DDIMScheduler's (or DPM-Solver's) own, for the config's timestep_spacing and
+        steps_offset."""
         if n > self.config.num_train_timesteps:
             raise InvalidInput(f"{n} grid nodes need num_train_timesteps >= {n}, got "
                                f"num_train_timesteps={self.config.num_train_timesteps}")
