@@ -21,7 +21,9 @@ from fewstep.cli import main
 from fewstep.errors import InputFileError, InvalidInput
 from fewstep.files import atomic_write
 from fewstep.generate import Config, EmbeddedModel, load, mflux_strength
+from fewstep.sampling import make_plan
 from fewstep.solvers.neuralsolver import SolverFile
+from fewstep.solvers.plan import StepCountError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 torch.set_num_threads(1)
@@ -198,6 +200,30 @@ def test_special_files_are_never_replaced(capsys, tmp_path):
     with pytest.raises(InputFileError, match="is a directory"):
         atomic_write(tmp_path, b"image")
     assert files_in(tmp_path) == ["null.png", "pipe.png"]
+
+
+def test_a_link_to_nothing_is_refused_and_nothing_is_created_where_it_points(capsys, tmp_path):
+    target = tmp_path / "elsewhere" / "deeper" / "x.png"
+    link = tmp_path / "dangling.png"
+    link.symlink_to(target)
+    code, _, err = generate(capsys, "--prompt", "7", "-q", "--output", link)
+    assert_one_line_error(code, err, f"--output {link} is a symbolic link", "does not exist")
+    assert files_in(tmp_path) == ["dangling.png"] and not (tmp_path / "elsewhere").exists()
+    existing = tmp_path / "real.png"
+    existing.write_bytes(b"old")
+    link.unlink()
+    link.symlink_to(existing)  # a link to an existing file is written through, the link kept
+    code, _, err = generate(capsys, "--prompt", "7", "-q", "--output", link)
+    assert code == 0 and link.is_symlink() and existing.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_official_stork_at_two_calls_is_a_step_count_error_in_one_line(capsys, tmp_path):
+    code, _, err = generate(capsys, "--prompt", "7", "-q", "--scheduler", "stork-2", "--steps", "2",
+                           "--scheduler-kwargs", '{"compat": "official"}', "--output", tmp_path / "x.png")
+    assert_one_line_error(code, err, "compat='official' cannot make exactly 2 model calls", "at least 3")
+    assert files_in(tmp_path) == []
+    with pytest.raises(StepCountError):
+        make_plan("stork-4", steps=2, compat="official")
 
 
 def test_read_only_output_is_refused_and_kept(capsys, tmp_path):

@@ -817,6 +817,8 @@ def test_stepping_wrongly_is_a_clear_value_error():
     s.set_timesteps(4)
     with pytest.raises(ValueError, match="not one of this scheduler's timesteps"):
         s.step(x, torch.tensor(123.0), x)
+    with pytest.raises(ValueError, match=r"model_output has shape \(4,\), sample \(1, 4\)"):
+        s.step(torch.zeros(4), s.timesteps[0], x)
 
 
 # --- named schedulers ---------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import sys
 import pytest
 from PIL import Image
 
+from fewstep.errors import InvalidInput
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 def read_image(path):
@@ -40,6 +42,7 @@ def test_embedded_generation_writes_png_with_metadata(tmp_path, scheduler):
     assert json.loads(image.text["steps"]) == 6 and json.loads(image.text["seed"]) == 3
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["model"] == "embedded-digits" and sidecar["scheduler_kwargs"] == {}
+    assert (sidecar["width"], sidecar["height"]) == image.size  # the image's own size, not the flags' None
 
 
 def test_same_seed_gives_identical_bytes_and_several_seeds_several_files(tmp_path):
@@ -111,6 +114,9 @@ def test_stork_docs_order_kwarg_picks_the_solver():
     plain = pixels("stork-2", {})
     assert pixels("stork-2", {"order": 2}) == plain and pixels("stork", {"order": 2}) == plain
     assert pixels("stork", {}) == pixels("stork-4", {}) != plain
+    # adams-denoise is no member of the adams family: its `order` is its own option (order 3 differs from order 2)
+    default = pixels("adams-denoise", {})
+    assert pixels("adams-denoise", {"order": 2}) == default != pixels("adams-denoise", {"order": 3})
 
 
 def test_neuralsolver_on_the_embedded_model_uses_its_shipped_search():
@@ -216,3 +222,11 @@ def test_model_path_python_api_calls_the_transformer_once_per_step(tmp_path, tin
             num_inference_steps=6, height=32, width=32, scheduler="neuralsolver", image_path=str(path),
             image_strength=0.5))
     assert counter.calls == 0  # refused before the first model call
+
+
+@pytest.mark.parametrize("prompt", [None, 7])
+def test_a_prompt_that_is_no_string_is_invalid_input(prompt):
+    import fewstep as fs
+
+    with pytest.raises(InvalidInput, match="prompt \\(--prompt\\) must be a string"):
+        fs.load("digits").generate_image(seed=1, prompt=prompt)

@@ -96,6 +96,11 @@ def _write(tmp_path: Path, **changes) -> Path:
     ({"steps": {"2": {"timedeltas": [0.4, float("nan")], "matrix": [[1, 0], [0, 1]]}}}, "non-finite"),
     ({"steps": {"2": {"timedeltas": [0.4, 0.6], "matrix": [[0.5, 0.5], [0, 1]]}}}, "lower-triangular"),
     ({"steps": {"2": {"timedeltas": [0.4, 0.6]}}}, "missing or malformed field 'matrix'"),
+    ({"version": True}, "unknown version True"),
+    ({"version": 1.0}, "unknown version 1.0"),
+    ({"start": "1"}, "start must be a number, got '1'"),
+    ({"steps": {"2": {"timedeltas": [0.4, 0.6], "matrix": [[1.0, 0.0], ["-0.5", 1.5]]}}}, "not a rectangular array"),
+    ({"steps": {"2": {"timedeltas": [True, 0.6], "matrix": [[1.0, 0.0], [-0.5, 1.5]]}}}, "not a rectangular array"),
 ])
 def test_file_validation_errors_name_file_and_field(tmp_path, change, message):
     path = _write(tmp_path, **change)

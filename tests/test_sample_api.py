@@ -44,3 +44,34 @@ def test_a_model_returning_no_array_is_named_too():
 def test_epsilon_shape_error_names_the_vp_time():
     with pytest.raises(InvalidInput, match=r"call 1 of 4 \(t=0\.999\) has shape \(1,\)"):
         fewstep.sample(lambda x, t: torch.zeros(1), torch.zeros(2, 3), "euler", 4, prediction="epsilon")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(solver=None), "solver must be a solver name"),
+    (dict(solver=5), "solver must be a solver name"),
+    (dict(shift="3"), "shift must be a finite number > 0"),
+    (dict(shift=0.0), "shift must be a finite number > 0"),
+    (dict(mu=1e6), "mu must be a finite number between -50 and 50"),
+    (dict(sigmas="abc"), "sigmas must be a list of numbers"),
+    (dict(sigmas=[[1.0, 0.5]]), "sigmas must be a flat list"),
+    (dict(sigmas=[2.0, 0.5, 0.1]), r"noise levels in \[0, 1\]"),
+])
+def test_bad_sample_arguments_are_invalid_input_naming_the_argument(kwargs, message):
+    calls = []
+    with pytest.raises(InvalidInput, match=message):
+        fewstep.sample(lambda x, s: calls.append(s) or -x, torch.zeros(2, 3), **{"steps": 4, **kwargs}
+                       if "sigmas" not in kwargs else kwargs)
+    assert calls == []
+
+
+@pytest.mark.parametrize("timesteps", [[999.0, 500.0, 1.0], [5.0, 0.5, 0.1], [0.5, 0.8, 0.1], [[0.9, 0.1]]])
+def test_epsilon_timesteps_must_be_decreasing_vp_times_not_indices(timesteps):
+    with pytest.raises(InvalidInput, match="timesteps must be at least two strictly decreasing VP times"):
+        fewstep.sample(lambda x, t: x, torch.zeros(2, 3), "euler", prediction="epsilon", timesteps=timesteps)
+
+
+@pytest.mark.parametrize("output,kind", [(lambda x: x.numpy(), "ndarray"), (lambda x: x.to(torch.complex64), "complex"),
+                                         (lambda x: x.to(torch.int32), "int32")])
+def test_a_model_returning_another_array_type_or_dtype_is_named(output, kind):
+    with pytest.raises(InvalidInput, match=rf"call 1 of 4 \(sigma=1\) is a .*{kind}.*real floating-point torch"):
+        fewstep.sample(lambda x, s: output(x), torch.zeros(2, 3), "euler", 4)

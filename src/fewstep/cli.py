@@ -21,7 +21,7 @@ from fewstep import __version__
 from fewstep.errors import FewstepError
 
 COMMANDS = {
-    "generate": ("fewstep.generate", "generate images (default: the embedded digits model, offline)"),
+    "generate": ("fewstep.generate", "generate images (default: the embedded Fashion-MNIST model, offline)"),
     "bench": ("fewstep.bench", "error vs model calls: fewstep solvers and diffusers' schedulers side by side"),
     "search": ("fewstep.search", "search a NeuralSolver (time grid + coefficients) for a model"),
     "solvers": ("fewstep.solvers.listing", "list the solvers: order, model calls per step, recommended steps"),

@@ -470,6 +470,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 out = sample.to(model_output.dtype)
                 out = out.clone() if out is sample else out
                 return (out,) if not return_dict else FewstepSchedulerOutput(prev_sample=out)
+        if model_output.shape != sample.shape:  # a broadcast would silently give every element the same output
+            raise InvalidInput(f"model_output has shape {tuple(model_output.shape)}, sample {tuple(sample.shape)}; "
+                               "they must be equal")
         i = self._step_index - self._offset
         if i >= self._run.plan.calls:
             raise InvalidInput(f"step called {self._step_index + 1} times but there are {len(self.timesteps)} "

@@ -37,6 +37,10 @@ def check_output(path: str | os.PathLike, what: str = "output") -> Path:
             st = os.stat(real)
         except FileNotFoundError:
             st = None
+        if st is None and os.path.islink(path):
+            # Writing through a link to nothing would create the file, and its folders, wherever the link points.
+            raise InputFileError(f"{shown} is a symbolic link to {os.readlink(path)}, which does not exist; fewstep "
+                                 "writes through a link only to an existing file")
         if st is not None:
             if not stat.S_ISREG(st.st_mode):
                 raise InputFileError(f"{shown} is {_kind(st.st_mode)}; fewstep writes regular files only and never "

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 import sys
 import warnings
@@ -159,12 +160,10 @@ def resolve_scheduler(scheduler: str, kwargs: dict) -> tuple[str, dict]:
         raise InvalidInput(f"unknown solver {scheduler!r} (--scheduler); available: {', '.join(solvers.names())}"
                            f"{_suggest(scheduler, known)}")
     options = dict(kwargs)
-    order = options.pop("order", None)
-    family = next((f for f in FAMILIES if name == f or (name.startswith(f) and name in solvers.names())), None)
+    # A family member is "stork-4" or "adams3", not "adams-denoise", whose `order` is an option like any other.
+    family = next((f for f in FAMILIES if name == f or re.fullmatch(FAMILIES[f].format(r"\d+"), name)), None)
+    order = options.pop("order", None) if family is not None else None
     if order is not None:
-        if family is None:
-            raise InvalidInput(f"scheduler {scheduler!r} has no option 'order' (it picks the member of: "
-                               f"{', '.join(FAMILIES)})")
         member = FAMILIES[family].format(order)
         if name not in (family, member):
             raise InvalidInput(f"scheduler {scheduler!r} contradicts scheduler_kwargs order={order!r}")
@@ -255,12 +254,13 @@ def output_format(path: str | os.PathLike) -> str:
     return IMAGE_FORMATS[suffix]
 
 
-def _metadata(model: str, prompt: str, seed: int, config: Config, steps: int, guidance: float) -> dict:
+def _metadata(model: str, prompt: str, seed: int, config: Config, steps: int, guidance: float, image: Any) -> dict:
+    """What made `image`; its height and width are the image's own (a flag left out has a model default)."""
     from fewstep import __version__
 
     return {"prompt": prompt, "seed": seed, "model": model, "scheduler": config.scheduler, "steps": steps,
-            "scheduler_kwargs": config.scheduler_kwargs, "guidance": guidance, "height": config.height,
-            "width": config.width, "image_path": config.image_path, "image_strength": config.image_strength,
+            "scheduler_kwargs": config.scheduler_kwargs, "guidance": guidance, "height": image.height,
+            "width": image.width, "image_path": config.image_path, "image_strength": config.image_strength,
             "generator": f"fewstep {__version__}"}
 
 
@@ -290,6 +290,7 @@ class EmbeddedModel:
 
         config = config or Config()
         steps, guidance = check_config(config, self.default_steps, self.default_guidance)
+        _check_prompt(prompt)
         label = self.module.parse_prompt(prompt)  # InvalidInput when it names no class, or several
         _check_seed(seed)
         solver, options = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
@@ -320,7 +321,7 @@ class EmbeddedModel:
         if config.width is not None or config.height is not None:
             size = (config.width or config.height, config.height or config.width)
             image = image.resize(size, resample=0)
-        return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance))
+        return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance, image))
 
 
     def _image_to_x(self, path: str):
@@ -376,6 +377,7 @@ class DiffusersModel:
 
         config = config or Config()
         steps, guidance = check_config(config, self.default_steps, self.default_guidance)
+        _check_prompt(prompt)
         _check_seed(seed)
         pipe = self.pipe
         solver, options = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
@@ -398,12 +400,17 @@ class DiffusersModel:
             kwargs["strength"] = 0.4 if config.image_strength is None else config.image_strength
         pipe.set_progress_bar_config(disable=not self.progress)
         image = pipe(**kwargs).images[0]
-        return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance))
+        return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance, image))
 
 
 def _check_seed(seed: Any) -> None:
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise InvalidInput(f"seed (--seed) must be an integer from 0 to 2**64-1, got {seed!r}")
+
+
+def _check_prompt(prompt: Any) -> None:
+    if not isinstance(prompt, str):
+        raise InvalidInput(f"prompt (--prompt) must be a string, got {prompt!r}")
 
 
 def _available(torch, device: str) -> bool:

@@ -43,6 +43,12 @@ def _cast(x: Any, dtype: Any) -> Any:
     return x.astype(dtype, copy=False) if _is_numpy(x) else x.to(dtype)
 
 
+def _is_real_float(v: Any) -> bool:
+    if _is_numpy(v):
+        return np.issubdtype(v.dtype, np.floating)
+    return bool(getattr(v, "is_floating_point", lambda: False)()) and not getattr(v, "is_complex", lambda: False)()
+
+
 def _all_finite(v: Any) -> bool:
     if _is_numpy(v):
         return bool(np.isfinite(v).all())
@@ -51,11 +57,19 @@ def _all_finite(v: Any) -> bool:
     return bool(torch.isfinite(v).all())
 
 
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and bool(
+        np.isfinite(value))
+
+
 def resolve_solver(solver: str | Solver, options: dict, prediction: str = "flow") -> tuple[Solver, str]:
     """The solver object and a name for messages; a solver built for one prediction type (a searched NeuralSolver
     file) refuses the other."""
     if isinstance(solver, str):
         obj, name = solvers.get(solver, **options), solver
+    elif not (callable(getattr(solver, "plan", None)) and callable(getattr(solver, "calls", None))):
+        raise InvalidInput(f"solver must be a solver name (`fewstep solvers` lists them) or an object with calls() "
+                           f"and plan(), got {solver!r}")
     elif options:
         raise InvalidInput(f"solver options {sorted(options)} only apply to a solver given by name")
     else:
@@ -69,6 +83,10 @@ def resolve_solver(solver: str | Solver, options: dict, prediction: str = "flow"
 def _flow_run(solver: str | Solver, steps: int | None, shift: float, mu: float | None, sigmas: Sequence[float] | None,
               time_shift_type: str, begin_index: int, solver_options: dict) -> Plan:
     obj, name = resolve_solver(solver, solver_options)
+    if not _real(shift) or not shift > 0:
+        raise InvalidInput(f"shift must be a finite number > 0, got {shift!r}")
+    if mu is not None and not (_real(mu) and abs(mu) <= 50):  # e^μ is the time shift: |μ| > 50 is no grid at all
+        raise InvalidInput(f"mu must be a finite number between -50 and 50, got {mu!r}")
     if sigmas is None:
         grid = flow_sigmas(intervals_for(obj, 8 if steps is None else steps, name), shift, mu,
                            time_shift_type=time_shift_type)
@@ -121,8 +139,18 @@ def sample(model: Callable[[Any, float], Any], noise: Any, solver: str | Solver 
         raise InvalidInput("prediction='epsilon' uses a VP time grid: pass `timesteps` (and `vp`), not sigmas/mu/shift")
     vp = vp or VPSchedule()
     obj, name = resolve_solver(solver, solver_options, "epsilon")
-    times = np.asarray(vp.times(intervals_for(obj, 8 if steps is None else steps, name)) if timesteps is None
-                       else timesteps, dtype=np.float64)
+    if timesteps is None:
+        times = vp.times(intervals_for(obj, 8 if steps is None else steps, name))
+    else:
+        try:
+            times = np.asarray(timesteps, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"timesteps must be a list of numbers, got {timesteps!r}") from None
+        # Times below vp.t_clamp are the data end (the official DDIM grid ends at 0.999 − 1): only the top is checked.
+        if times.ndim != 1 or len(times) < 2 or not np.isfinite(times).all() or times.max() > 1 \
+                or np.any(np.diff(times) >= 0):
+            raise InvalidInput(f"timesteps must be at least two strictly decreasing VP times of at most 1 (continuous "
+                               f"time, not diffusers' 0-999 indices), got {np.asarray(timesteps).tolist()}")
     grid = vp.to_flow(times)
     plan = grid_plan(obj, grid)
     if steps is not None and plan.calls != steps:
@@ -167,6 +195,10 @@ def execute(plan: Plan, model: Callable[[Any, float], Any], x: Any, *, times: Se
         if getattr(out, "shape", None) is None or tuple(out.shape) != shape:
             got = f"shape {tuple(out.shape)}" if getattr(out, "shape", None) is not None else type(out).__name__
             raise InvalidInput(f"model output {where} has {got}; it must have the shape of its input x, {shape}")
+        if _is_numpy(out) != _is_numpy(x) or not _is_real_float(out):
+            got = f"{type(out).__name__} of dtype {out.dtype}" if hasattr(out, "dtype") else type(out).__name__
+            raise InvalidInput(f"model output {where} is a {got}; it must be a real floating-point "
+                               f"{'NumPy array' if _is_numpy(x) else 'torch tensor'}, as its input x")
         if check_finite and not _all_finite(out):
             raise NonFiniteError(f"model output is not finite {where}")
         out = _cast(out, work)

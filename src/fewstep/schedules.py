@@ -80,9 +80,14 @@ def flow_sigmas(intervals: int | None = None, shift: float = 1.0, mu: float | No
         base = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, int(intervals))
         base = base / num_train_timesteps
     else:
-        base = np.asarray(sigmas, dtype=np.float64).ravel()
-        if len(base) == 0 or (base[-1] == 0 and len(base) == 1):
-            raise InvalidInput("sigmas is empty: give at least one σ above 0")
+        try:
+            base = np.asarray(sigmas, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"sigmas must be a list of numbers, got {sigmas!r}") from None
+        if base.ndim != 1 or len(base) == 0 or (base[-1] == 0 and len(base) == 1):
+            raise InvalidInput(f"sigmas must be a flat list with at least one σ above 0, got {base.tolist()}")
+        if not (np.isfinite(base).all() and base.min() >= 0 and base.max() <= 1):
+            raise InvalidInput(f"sigmas are flow-matching noise levels in [0, 1], got {base.tolist()}")
         if intervals is not None and len(base) != intervals and not (base[-1] == 0 and len(base) == intervals + 1):
             raise InvalidInput(f"{len(base)} sigmas given but intervals={intervals}")
     ends_at_zero = base[-1] == 0

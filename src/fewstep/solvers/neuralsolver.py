@@ -47,6 +47,15 @@ class SolverFileNotFound(InputFileError, FileNotFoundError):
     """No solver file at the given path (and not a shipped name)."""
 
 
+def _only_numbers(value: Any) -> bool:
+    """Numbers all the way down: NumPy will read "-0.5" and true as floats, a solver file may only hold numbers."""
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "iuf"
+    if isinstance(value, (list, tuple)):
+        return all(_only_numbers(v) for v in value)
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 @dataclass
 class SolverFile:
     """Searched solvers for one model: per step count N, Δt (N,) and the full matrix M (N, N) with diagonal."""
@@ -73,10 +82,12 @@ class SolverFile:
             fail("no solvers in 'steps'")
         if not isinstance(self.provenance, dict):
             fail(f"'provenance' must be a JSON object, got {type(self.provenance).__name__}")
+        if isinstance(self.start, bool) or not isinstance(self.start, (int, float, np.integer, np.floating)):
+            fail(f"start must be a number, got {self.start!r}")
         try:
             start = float(self.start)
-        except (TypeError, ValueError, OverflowError):
-            fail(f"start must be a number, got {self.start!r}")
+        except OverflowError:
+            fail(f"start must be a finite number, got {self.start!r}")
         if not np.isfinite(start):
             fail(f"start is not finite: {self.start}")
         lowest = 1.0 if self.prediction == "flow" else MIN_VP_START
@@ -91,7 +102,10 @@ class SolverFile:
             for name, value in (("timedeltas", dt), ("matrix", m)):
                 try:
                     np.asarray(value, dtype=np.float64)
+                    numbers = _only_numbers(value)
                 except (TypeError, ValueError, OverflowError):
+                    numbers = False
+                if not numbers:
                     fail(f"{where}.{name} is not a rectangular array of numbers (ragged rows or non-numbers)")
             dt, m = np.asarray(dt, dtype=np.float64), np.asarray(m, dtype=np.float64)
             if dt.shape != (n,):
@@ -153,7 +167,7 @@ class SolverFile:
             return cls._from_published(data, str(path))
         if data.get("format") != FORMAT:
             raise InvalidInput(f"solver file {path}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
-        if data.get("version") != VERSION:
+        if type(data.get("version")) is not int or data["version"] != VERSION:  # not true, not 1.0
             raise InvalidInput(f"solver file {path}: unknown version {data.get('version')!r} (this fewstep reads "
                                f"version {VERSION})")
         try:

@@ -52,7 +52,7 @@ from importlib import resources
 import numpy as np
 
 from fewstep.solvers.adams import adams_weights
-from fewstep.solvers.plan import Plan, Row
+from fewstep.solvers.plan import Plan, Row, StepCountError
 from fewstep.solvers.registry import SolverInfo, register
 
 STAGES = {2: range(2, 201), 4: range(2, 149)}
@@ -224,7 +224,8 @@ class Stork:
         main steps with the official D₁, D₂ (§Derivatives) through the cores with both bugs."""
         big_n = len(grid) - 1
         if big_n < 2:
-            raise ValueError("compat='official' needs at least 2 grid intervals (3 model calls)")
+            raise StepCountError(f"stork-{self.order} with compat='official' cannot make exactly {big_n + 1} model "
+                                 "calls; it makes at least 3 (2 grid intervals)")
         s = np.concatenate([grid[:1], [grid[0] + (grid[1] - grid[0]) / 2], grid[1:]])
         n = big_n + 1
         dt = s[:-1] - s[1:]
