@@ -210,6 +210,8 @@ def test_cli_callable_model_and_ctrl_c_resume(tmp_path, monkeypatch, capsys):
     (["--model", "gmm2d", "--guidance", "3"], "no conditioning"),
     (["--restarts", "0"], "--restarts"),
     (["--samples", "0"], "--samples"),
+    (["--validation", "0"], "--validation must be an integer from 1"),
+    (["--model", "os:getcwd", "--shape", "4", "--teacher", "euler:10", "-q"], "--model os:getcwd raised TypeError"),
 ])
 def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys, argv, message):
     out = tmp_path / "x.json"
@@ -525,7 +527,7 @@ def test_cli_family_search(tmp_path, capsys):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--model", "gmm8d,gmm8d"], "--model gmm8d,gmm8d: a family is two or more distinct models"),
     (["--model", "gmm8d,"], "--model"),
-    (["--model", "gmm2d,gmm8d", "--validation", "0"], "--validation 0"),
+    (["--model", "gmm2d,gmm8d", "--validation", "0"], "--validation must be an integer from 1"),
     (["--model", "gmm2d,gmm8d", "--guidance", "3"], "--guidance"),
     (["--model", "gmm2d,nosuch"], "not a mixture"),
 ])
@@ -599,6 +601,9 @@ def test_cli_teacher_bank_with_nan_fails_in_one_line_and_leaves_nothing(tmp_path
     ("return x * float('nan')", "euler:10", "--model vel:bad returned NaN or Inf"),
     ("return x * float('nan')", "exact", "--model vel:bad returned NaN or Inf"),
     ("return x[:, :1]", "exact", "--model vel:bad returned shape (64, 1) for states of shape (64, 4)"),
+    ("raise RuntimeError('kaput')", "exact", "--model vel:bad raised RuntimeError: kaput"),
+    ("return (-x).numpy()", "euler:10", "--model vel:bad returned numpy.ndarray, not a torch tensor"),
+    ("return None", "euler:10", "--model vel:bad returned NoneType, not a torch tensor"),
 ])
 def test_cli_bad_velocity_fails_at_once_in_one_line(tmp_path, monkeypatch, capsys, body, teacher, message):
     (tmp_path / "vel.py").write_text(f"def bad(x, sigma):\n    {body}\n")
@@ -619,6 +624,49 @@ def test_bad_velocity_raises_the_error_classes():
         S.search_target(S.plain_target(lambda x, s: x * float("inf"), (2,), "nanv"), 3, **small())
     with pytest.raises(InvalidInput, match=r"returned shape \(48, 1\)"):
         S.search_target(S.plain_target(lambda x, s: x[:, :1], (2,), "short"), 3, **small())
+    with pytest.raises(InvalidInput, match="--model np returned numpy.ndarray, not a torch tensor"):
+        S.search_target(S.plain_target(lambda x, s: x.numpy(), (2,), "np"), 3, **small())
+
+
+def test_model_that_raises_in_training_fails_in_one_line_and_removes_its_checkpoint(tmp_path):
+    """The teacher and validation run without autograd: this model fails only once the search has saved its
+    checkpoint; the error names the model and keeps the model's own exception as its cause."""
+    from fewstep.errors import InvalidInput
+
+    def late(x, s):
+        if torch.is_grad_enabled():
+            raise RuntimeError("kaput\nsecond line")
+        return -x
+
+    ckpt = tmp_path / "s.json.ckpt"
+    with pytest.raises(InvalidInput, match="--model late raised RuntimeError: kaput") as caught:
+        S.search_target(S.plain_target(late, (2,), "late"), 3, **small(), checkpoint=ckpt)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"steps": 4.5}, "steps must be integers of at least 2 .*, got 4.5$"),
+    ({"steps": [3, 4.0]}, "steps must be integers"),
+    ({"dim": 0}, "dim must be a positive integer"),
+    ({"dim": -1}, "dim must be a positive integer"),
+    ({"bank": 0}, "bank must be a positive integer"),
+    ({"validation": 0}, "validation must be an integer of at least 1"),
+    ({"noise": torch.zeros(16, 2, dtype=torch.float64), "validation": 0}, "validation must be an integer"),
+    ({"iterations": 0}, "iterations must be an integer of at least 1"),
+    ({"shift": 0.0}, "shift must be a positive number"),
+    ({"shift": float("nan")}, "shift must be a positive number"),
+    ({"mu": float("inf")}, "mu must be a finite number"),
+    ({"shift": 3.0, "mu": 1.0}, "give shift or mu, not both"),
+])
+def test_search_refuses_bad_parameters_by_name_before_any_model_call(changes, message):
+    from fewstep.errors import InvalidInput
+
+    calls = []
+    options = {"steps": 3, "dim": 2, "iterations": 2, "bank": 16, "validation": 8, **changes}
+    with pytest.raises(InvalidInput, match=message):
+        S.search(lambda x, s: calls.append(len(x)) or -x, options.pop("steps"), **options)
+    assert calls == []
 
 
 @pytest.mark.parametrize("steps", ["2-50000000000", "2-100000", "2-99999999999999999999999999999", "1-4"])

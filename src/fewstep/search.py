@@ -97,20 +97,27 @@ class Target:
 
 
 def _checked(target: Target) -> Target:
-    """`target` whose velocity refuses, in one line naming --model, an output of another shape than its states
-    (InvalidInput) or one holding NaN or Inf (NonFiniteError): caught at the first bad call, before a solver (or
-    DOP853, which never finishes on NaN) makes a traceback or a hang of it."""
+    """`target` whose velocity refuses, in one line naming --model, a call that raises, an output that is not a torch
+    tensor or of another shape than its states (InvalidInput) or one holding NaN or Inf (NonFiniteError): caught at
+    the first bad call, before a solver (or DOP853, which never finishes on NaN) makes a traceback or a hang of it."""
     import torch
 
     flag = f"--model {target.info.get('model', target.name)}"
     velocity = target.velocity
 
     def checked(x: Any, sigma: float, index: Any) -> Any:
-        v = velocity(x, sigma, index)
-        shape = tuple(getattr(v, "shape", ()))
-        if shape != tuple(x.shape):
-            raise InvalidInput(f"{flag} returned shape {shape} for states of shape {tuple(x.shape)}")
-        if not bool(torch.isfinite(torch.as_tensor(v).detach()).all()):
+        try:
+            v = velocity(x, sigma, index)
+        except FewstepError:
+            raise
+        except Exception as err:  # the user's model (or its signature) failed: name it, keep its cause chained
+            raise InvalidInput(f"{flag} raised {type(err).__name__}: {err}") from err
+        if not isinstance(v, torch.Tensor):  # the solvers need .to(), autograd and torch arithmetic on it
+            kind = f"{type(v).__module__}.{type(v).__qualname__}".removeprefix("builtins.")
+            raise InvalidInput(f"{flag} returned {kind}, not a torch tensor")
+        if tuple(v.shape) != tuple(x.shape):
+            raise InvalidInput(f"{flag} returned shape {tuple(v.shape)} for states of shape {tuple(x.shape)}")
+        if not bool(torch.isfinite(v.detach()).all()):
             raise NonFiniteError(f"{flag} returned NaN or Inf at sigma {float(sigma):.6g}")
         return v
 
@@ -1056,9 +1063,19 @@ def search_target(target: Target | Sequence[Target], steps: int | Sequence[int],
     targets = [_checked(t) for t in (target if isinstance(target, (list, tuple)) else [target])]
     given = None if bank is None else (list(bank) if isinstance(bank, (list, tuple)) else [bank])
     single = len(targets) == 1
-    steps = (steps,) if isinstance(steps, (int, np.integer)) else tuple(int(s) for s in steps)
-    if not steps or min(steps) < 2:
-        raise ValueError(f"steps must be at least 2 to search anything, got {steps}")
+    wanted = (steps,) if np.ndim(steps) == 0 else tuple(steps)
+    if not wanted or not all(isinstance(n, (int, np.integer)) and n >= 2 for n in wanted):
+        raise InvalidInput(f"steps must be integers of at least 2 (model calls of the solver), got {steps!r}")
+    steps = tuple(int(n) for n in wanted)
+    if not (isinstance(iterations, (int, np.integer)) and iterations >= 1):
+        raise InvalidInput(f"iterations must be an integer of at least 1, got {iterations!r}")
+    # The same rules as --shift and --mu: a shift of 0 or NaN would surface as a "diverged" search blaming the lr.
+    if not (np.isfinite(shift) and shift > 0):
+        raise InvalidInput(f"shift must be a positive number, got {shift}")
+    if mu is not None and not np.isfinite(mu):
+        raise InvalidInput(f"mu must be a finite number, got {mu}")
+    if mu is not None and shift != 1.0:
+        raise InvalidInput("give shift or mu, not both")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if init not in ("adams2", "euler"):
@@ -1273,9 +1290,16 @@ def search(model: Callable[[Any, float], Any], steps: int, *, teacher: str = "ex
     several step counts on the same noise (on a trained model the teacher solve costs more than the search).
     Other options: see `search_target`."""
 
+    if validation is not None and not (isinstance(validation, (int, np.integer)) and validation >= 1):
+        raise InvalidInput(f"validation must be an integer of at least 1 (the kept solver is the best on the held-out "
+                           f"noises), got {validation!r}")
+    if not (isinstance(bank, (int, np.integer)) and bank >= 1):
+        raise InvalidInput(f"bank must be a positive integer number of noises, got {bank!r}")
     if noise is None:
         if dim is None:
             raise ValueError("give `noise` (a tensor bank or a callable n → noise) or `dim`")
+        if not (isinstance(dim, (int, np.integer)) and dim >= 1):
+            raise InvalidInput(f"dim must be a positive integer (the size of one sample), got {dim!r}")
         target = plain_target(model, (dim,), model_name)
         return search_target(target, steps, samples=bank, validation=256 if validation is None else validation,
                              teacher=teacher, teacher_points=teacher_steps, iterations=iterations, batch=batch,
@@ -1438,9 +1462,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         if args.prompts is not None:
             raise InvalidInput("--prompts: a family (--model A,B) takes mixtures, embedded models and module:function "
                                "velocities, not diffusers pipelines")
-        if args.validation == 0:
-            raise InvalidInput("--validation 0: a family search normalises each member's error on its validation "
-                               "noises; give at least 1")
     try:
         args.steps = parse_steps(args.steps) if isinstance(args.steps, str) else list(args.steps)
     except ValueError as err:
@@ -1454,7 +1475,8 @@ def check_arguments(args: argparse.Namespace) -> None:
                                    ("--teacher-points", args.teacher_points, 2, 10**5)):
         if not low <= value <= high:
             raise InvalidInput(f"{flag} must be an integer from {low} to {high}, got {value}")
-    for flag, value, low in (("--samples", args.samples, 1), ("--validation", args.validation, 0)):
+    # --validation 0 would keep unvalidated parameters and record a NaN error: the best-by-validation needs noises.
+    for flag, value, low in (("--samples", args.samples, 1), ("--validation", args.validation, 1)):
         if value is not None and not low <= value <= MAX_SAMPLES:
             raise InvalidInput(f"{flag} must be an integer from {low} to {MAX_SAMPLES}, got {value}")
     if not (np.isfinite(args.lr) and args.lr > 0):
