@@ -18,7 +18,7 @@ from fewstep.bench import add_arguments, run, run_bench
 from fewstep.bench import headline as hl
 from fewstep.bench.convergence import convergence_markdown, linear_exact, linear_velocity, measure, stable_limit
 from fewstep.bench.grids import get_grid, parse_grids
-from fewstep.bench.measure import markdown, write_problem
+from fewstep.bench.measure import markdown, problem_files, write_files
 from fewstep.bench.peers import PEERS, peer_scheduler, run_peer
 from fewstep.bench.problems import Problem, load_problem
 from fewstep.bench.stats import error_stats, ratio_ci, rmse_ci
@@ -235,8 +235,8 @@ def test_readme_needs_both_markers_in_order(tmp_path):
         with pytest.raises(InputFileError, match="--readme"):
             hl.check_readme(readme)
     readme.write_text(f"a\n{hl.BEGIN}\nx\n{hl.END}\nb\n")
-    hl.rewrite_readme(readme, "table\n")
-    hl.rewrite_readme(readme, "table\n")  # idempotent
+    readme.write_bytes(hl.rewritten_readme(readme, "table\n"))
+    readme.write_bytes(hl.rewritten_readme(readme, "table\n"))  # idempotent
     assert readme.read_text() == f"a\n{hl.BEGIN}\ntable\n{hl.END}\nb\n"
 
 
@@ -360,7 +360,7 @@ def test_digits_reference_is_accurate_and_its_fd_is_the_stored_value(digits):
 def test_digits_bench_writes_sample_grid(digits, tmp_path):
     bench = run_bench(digits, ["euler"], [4, 8], peers=False, progress=False)
     assert markdown(bench).count("FD to real data / FD-ref") == 1
-    write_problem([bench], tmp_path, "digits", "digits test")
+    write_files({tmp_path / name: data for name, data in problem_files([bench], "digits", "digits test").items()})
     rows = list(csv.DictReader((tmp_path / "digits.csv").open()))
     assert [float(r["fd_ref"]) > 0 for r in rows] == [True, True]
     assert float(rows[0]["fd_ref"]) > float(rows[1]["fd_ref"])  # euler at 8 calls is closer to the exact flow
@@ -395,7 +395,11 @@ def test_digits_with_guidance_samples_the_guided_flow(digits, monkeypatch):
     (["--solvers", "rk45"], "--solvers"), (["--headline-solver", "rk45"], "--headline-solver"),
     (["--readme", "README.md"], "--readme"), (["--suite", "headline", "--no-peers"], "--no-peers"),
     (["--grid", "shift1", "--shift", "3"], "--shift"), (["--seed", "-1"], "--seed"),
-    (["--seed", str(2**64)], "--seed")])
+    (["--seed", str(2**64)], "--seed"), (["--samples", str(10**12)], "--samples"),
+    (["--image-samples", "10001"], "--image-samples"), (["--nfe", "4,100000"], "--nfe"),
+    (["--bootstrap", str(10**9)], "--bootstrap"), (["--search-iterations", str(10**7)], "--search-iterations"),
+    (["--suite", "headline", "--samples", "6000"], "--refine"),  # a refined cell: 12,000 noises
+    (["--suite", "transfer", "--samples", "10001"], "--samples")])
 def test_bad_options_are_refused_before_any_work(argv, flag, monkeypatch):
     import fewstep.bench.measure
 
@@ -421,6 +425,54 @@ def test_bad_output_paths_are_refused_before_any_work(tmp_path, monkeypatch):
         run(_args("--suite", "headline", "--readme", str(no_markers)))
     with pytest.raises(InputFileError, match="--cache"):
         run(_args("--problem", "gmm2d", "--cache", str(a_file)))
+    out = tmp_path / "out"  # every output of the run, not only the folder, is checked before the run
+    for argv, name in [(("--problem", "gmm2d"), "gmm2d.png"), (("--problem", "gmm2d"), "gmm2d.md"),
+                       (("--problem", "digits"), "digits-shift3-samples.png"),
+                       (("--suite", "headline", "--problem", "gmm2d"), "headline.json")]:
+        (out / name).mkdir(parents=True)
+        with pytest.raises(InputFileError, match=f"--out {out / name} is a directory"):
+            run(_args(*argv, "--grid", "shift1,shift3", "--out", str(out)))
+        (out / name).rmdir()
+    assert list(out.iterdir()) == []
+
+
+def _tiny(*argv):  # a run of seconds
+    return _args("--problem", "gmm2d", "--samples", "16", "--no-peers", "--bootstrap", "100", *argv)
+
+
+def test_a_failed_run_writes_no_output_and_keeps_the_old_ones(tmp_path, monkeypatch):
+    import fewstep.bench.measure
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gmm2d.csv").write_text("old")
+    writes = []
+
+    def fails_third(path, data, what="output"):
+        writes.append(path)
+        if len(writes) == 3:
+            raise InputFileError(f"{what} {path}: cannot write (No space left on device)")
+        return atomic_write(path, data, what)
+
+    atomic_write = fewstep.bench.measure.atomic_write
+    monkeypatch.setattr(fewstep.bench.measure, "atomic_write", fails_third)
+    with pytest.raises(InputFileError, match="No space left"):
+        run(_tiny("--solvers", "euler", "--nfe", "4", "--cache", str(tmp_path / "cache"), "--out", str(out)))
+    assert len(writes) == 3 and all(p.parent == out and p.name.startswith(".") for p in writes)  # beside the targets
+    assert [p.name for p in out.iterdir()] == ["gmm2d.csv"] and (out / "gmm2d.csv").read_text() == "old"
+
+
+def test_cells_a_method_cannot_make_are_named_on_stderr(tmp_path, capsys):
+    # heun makes even counts only; the shipped neuralsolver file has 5 to 10 steps; both raise a StepCountError
+    assert run(_tiny("--solvers", "euler,heun,neuralsolver", "--nfe", "3,4", "--cache", str(tmp_path))) == 0
+    captured = capsys.readouterr()
+    assert [line for line in captured.err.splitlines() if line.startswith("note")] == [
+        "note: heun cannot make 3 model calls (it can make 2, 4, 6); its cells are left out",
+        "note: neuralsolver cannot make 3, 4 model calls (it has 5, 6, 7, 8, 9, 10 steps); its cells are left out"]
+    assert "| heun | – | " in captured.out and "| neuralsolver |" not in captured.out
+    # a search takes 2 to 50 steps: any other count is a cell left out, not a crash nor an hours-long search
+    bench = run_bench("gmm2d", ["neuralsolver-searched"], [1, 51], samples=16, peers=False, progress=False)
+    assert bench.rows == [] and sorted(bench.skipped["neuralsolver-searched"]) == [1, 51]
 
 
 def test_a_failed_reference_solve_is_one_error_naming_the_problem(tmp_path, monkeypatch):

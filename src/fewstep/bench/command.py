@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,12 @@ TRANSFER_GRIDS = "shift1,shift3"
 TRANSFER_NFE = "6,8"
 SAMPLES = 512  # mixtures
 IMAGE_SAMPLES = 256  # embedded image models: their reference solve costs ~0.2-0.4 s per noise
+# The energy distance and the BCa jackknife each hold noises² float64 numbers: 10,000 noises peak at 3.5 GB and take
+# ~10 s per interval (so a refined headline cell counts all its noises); an image model's reference solve of as many
+# takes about an hour.
+MAX_SAMPLES = 10_000
+MAX_NFE = 1000  # as `fewstep generate --steps`: more is never few-step sampling and usually a typo
+MAX_RESAMPLES = 10_000  # each interval holds resamples × noises numbers: 800 MB at 10,000 noises
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,21 +53,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{TRANSFER_GRIDS} (transfer)")
     parser.add_argument("--shift", type=float, default=None, help="shorthand for --grid shift<X>")
     parser.add_argument("--nfe", default=None,
-                        help=f"model-call budgets (default {DEFAULT_NFE}; transfer: {TRANSFER_NFE})")
+                        help=f"model-call budgets, at most {MAX_NFE} (default {DEFAULT_NFE}; transfer: {TRANSFER_NFE})")
     parser.add_argument("--solvers", default=None,
                         help=f"comma-separated fewstep methods (default: all registered, stork-*-official; {SEARCHED} "
                              "only when named)")
     parser.add_argument("--headline-solver", default=None,
                         help="the training-free solver of the headline table and of the transfer suite's "
                              "comparison (default: the registry's recommended solver, else stork-2)")
-    parser.add_argument("--samples", type=int, default=None, help=f"noises per mixture problem (default {SAMPLES})")
+    parser.add_argument("--samples", type=int, default=None,
+                        help=f"noises per mixture problem (default {SAMPLES}, at most {MAX_SAMPLES})")
     parser.add_argument("--image-samples", type=int, default=None,
-                        help=f"noises per embedded-model problem (default {IMAGE_SAMPLES})")
+                        help=f"noises per embedded-model problem (default {IMAGE_SAMPLES}, at most {MAX_SAMPLES})")
     parser.add_argument("--refine", type=int, default=None,
                         help="headline cells whose 95 %% intervals overlap are rerun on this many times the "
                              "problem's noises more (default: 1 for the headline suite, 0 otherwise)")
     parser.add_argument("--bootstrap", type=int, default=None,
-                        help="bootstrap resamples per confidence interval (default 2000)")
+                        help=f"bootstrap resamples per confidence interval (default 2000, at most {MAX_RESAMPLES})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--search-iterations", type=int, default=SEARCH_ITERATIONS,
                         help=f"optimizer steps of each {SEARCHED} search")
@@ -97,26 +105,43 @@ def machine() -> str:
             f"{diffusers.__version__}, scipy {scipy.__version__}")
 
 
-def _positive(value: int | None, flag: str, default: int, minimum: int) -> int:
+def _positive(value: int | None, flag: str, default: int, minimum: int, maximum: int | None = None) -> int:
     if value is None:
         return default
     if value < minimum:
         raise InvalidInput(f"{flag} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidInput(f"{flag} must be at most {maximum}, got {value}")
     return value
 
 
 def _out_dir(out: str | None) -> Path | None:
-    """The output folder, checked before anything is computed: not a file, creatable, writable. It is created by the
-    first result written into it, so bad input or Ctrl-C leaves no empty folder behind."""
-    from fewstep.files import check_output
-
+    """The output folder: not a file (each suite checks its own outputs in it, see `_check_outputs`). It is created
+    when the results are written into it, so bad input or Ctrl-C leaves no empty folder behind."""
     if out is None:
         return None
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise InputFileError(f"--out {out} exists and is not a directory")
-    check_output(path / "headline.md", "--out")
     return path
+
+
+def _check_outputs(out: Path | None, names: list[str]) -> None:
+    """Every output of the run checked before anything is computed, so that a bad one fails at once."""
+    from fewstep.files import check_output
+
+    for name in names if out else ():
+        check_output(out / name, "--out")
+
+
+def _under(out: Path, files: dict[str, bytes]) -> dict[Path, bytes]:
+    return {out / name: data for name, data in files.items()}
+
+
+def _write(out: Path, files: dict[str, bytes]) -> None:
+    from fewstep.bench.measure import write_files
+
+    write_files(_under(out, files))
 
 
 def _problems(text: str | None, suite: str) -> list[str]:
@@ -133,25 +158,23 @@ def _problems(text: str | None, suite: str) -> list[str]:
 
 
 def _overhead(args: argparse.Namespace, out: Path | None) -> int:
-    from fewstep.bench.measure import write_tables
+    from fewstep.bench.measure import tables
     from fewstep.bench.overhead import measure_overhead, overhead_markdown
 
+    _check_outputs(out, ["overhead.csv", "overhead.json", "overhead.md"])
     rows = measure_overhead(solvers=args.solvers.split(",") if args.solvers else None)  # --solvers picks the rows
     text = overhead_markdown(rows) + f"\nMachine: {machine()}.\n"
     print(text)
     if out:
-        write_tables(rows, out, "overhead")
-        from fewstep.files import atomic_write
-
-        atomic_write(out / "overhead.md", text.encode())
+        _write(out, {**tables(rows, "overhead"), "overhead.md": text.encode()})
     return 0
 
 
 def _convergence(out: Path | None, start: float) -> int:
     from fewstep.bench.convergence import convergence_markdown, run_convergence, stability_markdown, stability_rows
-    from fewstep.bench.measure import write_tables
-    from fewstep.files import atomic_write
+    from fewstep.bench.measure import tables
 
+    _check_outputs(out, ["convergence.csv", "convergence.json", "stability.csv", "stability.json", "convergence.md"])
     rows = run_convergence()
     limits = stability_rows()
     text = (f"# Convergence on shifted grids\n\n{convergence_markdown(rows)}\n## Linear stability\n\n"
@@ -159,9 +182,7 @@ def _convergence(out: Path | None, start: float) -> int:
             f"{time.perf_counter() - start:.0f} s.\n")
     print(text)
     if out:
-        write_tables(rows, out, "convergence")
-        write_tables(limits, out, "stability")
-        atomic_write(out / "convergence.md", text.encode())
+        _write(out, {**tables(rows, "convergence"), **tables(limits, "stability"), "convergence.md": text.encode()})
     return 0
 
 
@@ -213,8 +234,10 @@ def _grids(args: argparse.Namespace, default: str) -> list:
 def _seed_and_iterations(args: argparse.Namespace) -> None:
     if not 0 <= args.seed <= MAX_SEED:  # the extra noises of --refine use seed + 1000, their data seed + 1002
         raise InvalidInput(f"--seed must be an integer from 0 to {MAX_SEED}, got {args.seed}")
-    if args.search_iterations < 1:
-        raise InvalidInput(f"--search-iterations must be at least 1, got {args.search_iterations}")
+    from fewstep.search import MAX_ITERATIONS
+
+    if not 1 <= args.search_iterations <= MAX_ITERATIONS:  # the bound of `fewstep search --iterations`
+        raise InvalidInput(f"--search-iterations must be from 1 to {MAX_ITERATIONS}, got {args.search_iterations}")
 
 
 def _headline_solver(args: argparse.Namespace) -> str:
@@ -234,8 +257,7 @@ def _headline_solver(args: argparse.Namespace) -> str:
 def _transfer(args: argparse.Namespace, out: Path | None, start: float) -> int:
     from fewstep.bench import stats
     from fewstep.bench import transfer as tr
-    from fewstep.bench.measure import parse_nfe, write_tables
-    from fewstep.files import atomic_write
+    from fewstep.bench.measure import parse_nfe, tables
     from fewstep.search import MAX_SEARCH_STEPS
 
     for flag, given in (("--solvers", args.solvers is not None), ("--refine", args.refine is not None),
@@ -250,12 +272,13 @@ def _transfer(args: argparse.Namespace, out: Path | None, start: float) -> int:
     if min(nfe) < 2 or max(nfe) > MAX_SEARCH_STEPS:  # every source is a searched solver: 2 to 50 steps
         raise InvalidInput(f"--nfe: the transfer suite scores searched solvers, which take 2 to {MAX_SEARCH_STEPS} "
                            f"steps; got {','.join(map(str, nfe))}")
-    samples = _positive(args.samples, "--samples", SAMPLES, 2)
-    image_samples = _positive(args.image_samples, "--image-samples", IMAGE_SAMPLES, 2)
-    resamples = _positive(args.bootstrap, "--bootstrap", stats.RESAMPLES, 100)
+    samples = _positive(args.samples, "--samples", SAMPLES, 2, MAX_SAMPLES)
+    image_samples = _positive(args.image_samples, "--image-samples", IMAGE_SAMPLES, 2, MAX_SAMPLES)
+    resamples = _positive(args.bootstrap, "--bootstrap", stats.RESAMPLES, 100, MAX_RESAMPLES)
     _seed_and_iterations(args)
     solver = _headline_solver(args)
     sources = tr.parse_sources(args.sources if args.sources is not None else TRANSFER_SOURCES)
+    _check_outputs(out, ["transfer.csv", "transfer.json", "transfer.md"])
 
     rows = tr.run_transfer(sources, problems, grids, nfe, samples, image_samples, args.seed, args.search_iterations,
                            resamples, cache, solver)
@@ -278,8 +301,7 @@ def _transfer(args: argparse.Namespace, out: Path | None, start: float) -> int:
                                 args.seed, definitions, findings)
     print(text)
     if out:
-        write_tables(rows, out, "transfer")
-        atomic_write(out / "transfer.md", text.encode())
+        _write(out, {**tables(rows, "transfer"), "transfer.md": text.encode()})
     print(f"\nwall time {time.perf_counter() - start:.0f} s on {machine()}"
           + (f"; wrote transfer.md, transfer.csv, transfer.json to {out}" if out else ""))
     return 0
@@ -287,22 +309,24 @@ def _transfer(args: argparse.Namespace, out: Path | None, start: float) -> int:
 
 def _tables(args: argparse.Namespace, suite: str, out: Path | None, start: float) -> int:
     from fewstep.bench import headline as hl
-    from fewstep.bench import stats
-    from fewstep.bench.measure import check_solvers, parse_nfe, run_bench, write_problem
+    from fewstep.bench import measure, stats
     from fewstep.bench.problems import is_image
-    from fewstep.files import atomic_write
 
     problems = _problems(args.problem, suite)
     readme = hl.check_readme(args.readme) if args.readme is not None else None
     cache = _cache(args)
     grids = _grids(args, "all" if suite == "headline" else "shift1")
-    nfe = parse_nfe(args.nfe if args.nfe is not None else DEFAULT_NFE)
-    samples = _positive(args.samples, "--samples", SAMPLES, 2)
-    image_samples = _positive(args.image_samples, "--image-samples", IMAGE_SAMPLES, 2)
+    nfe = measure.parse_nfe(args.nfe if args.nfe is not None else DEFAULT_NFE)
+    samples = _positive(args.samples, "--samples", SAMPLES, 2, MAX_SAMPLES)
+    image_samples = _positive(args.image_samples, "--image-samples", IMAGE_SAMPLES, 2, MAX_SAMPLES)
     refine = _positive(args.refine, "--refine", 1 if suite == "headline" else 0, 0)
-    resamples = _positive(args.bootstrap, "--bootstrap", stats.RESAMPLES, 100)
+    largest = max(image_samples if is_image(name) else samples for name in problems)
+    if (1 + refine) * largest > MAX_SAMPLES:  # a refined cell's intervals are over its first and its new noises
+        raise InvalidInput(f"--refine {refine}: a refined cell of {largest} noises would hold {(1 + refine) * largest}"
+                           f"; at most {MAX_SAMPLES} (lower --refine, --samples or --image-samples)")
+    resamples = _positive(args.bootstrap, "--bootstrap", stats.RESAMPLES, 100, MAX_RESAMPLES)
     _seed_and_iterations(args)
-    solvers = check_solvers(args.solvers.split(",") if args.solvers is not None else None)
+    solvers = measure.check_solvers(args.solvers.split(",") if args.solvers is not None else None)
     solver = _headline_solver(args)
     want_headline = suite == "headline" or (not args.no_peers and solver in solvers and len(problems) * len(grids) > 1)
     if suite == "headline":
@@ -310,6 +334,8 @@ def _tables(args: argparse.Namespace, suite: str, out: Path | None, start: float
             raise InvalidInput("--no-peers: the headline compares against diffusers' schedulers")
         if solver not in solvers:
             solvers.append(solver)
+    outputs = [file for name in problems for file in measure.problem_outputs(name, grids if is_image(name) else [])]
+    _check_outputs(out, outputs + (["headline.md", "headline.csv", "headline.json"] if want_headline else []))
 
     benches: dict[str, list] = {}
     for name in problems:
@@ -317,18 +343,19 @@ def _tables(args: argparse.Namespace, suite: str, out: Path | None, start: float
         for grid in grids:
             benches.setdefault(name, [])
             problem = benches[name][0].problem if benches[name] else name
-            benches[name].append(run_bench(problem, solvers, nfe, grid, count, args.seed, not args.no_peers,
-                                           args.search_iterations, resamples, cache))
-    files = []
+            benches[name].append(measure.run_bench(problem, solvers, nfe, grid, count, args.seed, not args.no_peers,
+                                                   args.search_iterations, resamples, cache))
+    for line in measure.skipped_notes([b for runs in benches.values() for b in runs]):
+        print(line, file=sys.stderr)
+    files: dict[Path, bytes] = {}  # --out's, written with the README at the end: all of them or none
+    readme_text: dict[Path, bytes] = {}
     for name, runs in benches.items():
         count = len(runs[0].problem.noise)
         title = f"{name}, {count} noises, seed {args.seed}"
         if suite == "table":
-            from fewstep.bench.measure import problem_markdown
-
-            print(problem_markdown(runs, title))
+            print(measure.problem_markdown(runs, title))
         if out:
-            files += write_problem(runs, out, name, title, solver if want_headline else None)
+            files |= _under(out, measure.problem_files(runs, name, title, solver if want_headline else None))
     command = (f"fewstep bench --suite {suite} --problem {','.join(problems)} --grid {','.join(g.name for g in grids)} "
                f"--nfe {','.join(map(str, nfe))} --samples {samples} --image-samples {image_samples} --refine {refine} "
                f"--seed {args.seed}" + (f" --solvers {args.solvers}" if args.solvers is not None else "")
@@ -352,16 +379,14 @@ def _tables(args: argparse.Namespace, suite: str, out: Path | None, start: float
         text = hl.headline_markdown(cells, results, solver, header, {g.name: g.title for g in grids}, definitions)
         print(text)
         if out:
-            atomic_write(out / "headline.md", text.encode())
-            from fewstep.bench.measure import write_tables
-
-            write_tables(cells, out, "headline")
-            files += ["headline.md", "headline.csv", "headline.json"]
+            files |= _under(out, {"headline.md": text.encode(), **measure.tables(cells, "headline")})
         if readme is not None:
             link = os.path.relpath(out / "headline.md", readme.resolve().parent) if out else None
             short = f"`{command}`, {when}, {machine().split(',')[0]}, wall time {wall:.0f} s"
-            hl.rewrite_readme(readme, hl.readme_block(cells, results, solver, short, link,
-                                                      {g.name: g.title for g in grids}))
+            readme_text[readme] = hl.rewritten_readme(readme, hl.readme_block(cells, results, solver, short, link,
+                                                                              {g.name: g.title for g in grids}))
+    measure.write_files(files | readme_text)
     wall = time.perf_counter() - start
-    print(f"\nwall time {wall:.0f} s on {machine()}" + (f"; wrote {len(files)} files to {out}" if out else ""))
+    print(f"\nwall time {wall:.0f} s on {machine()}" + (f"; wrote {len(files)} files to {out}" if out else "")
+          + (f"; rewrote {readme}" if readme_text else ""))
     return 0

@@ -1,7 +1,7 @@
 """The headline: one training-free fewstep solver against the best diffusers peer in every cell (problem × grid ×
 NFE), with bootstrap intervals, more noises where the paired interval of the ratio holds 1, and the targets of issue
 #13 checked.
-`rewrite_readme` puts the generated table between `<!-- headline:begin -->` and `<!-- headline:end -->`."""
+`rewritten_readme` puts the generated table between `<!-- headline:begin -->` and `<!-- headline:end -->`."""
 
 from __future__ import annotations
 
@@ -242,12 +242,11 @@ def check_readme(path: str | os.PathLike) -> Path:
     return path
 
 
-def rewrite_readme(path: str | os.PathLike, block: str) -> None:
-    """Replace what lies between the markers with `block` (the markers and everything else stay)."""
-    from fewstep.files import atomic_write
-
+def rewritten_readme(path: str | os.PathLike, block: str) -> bytes:
+    """The README with what lies between the markers replaced by `block` (the markers and everything else stay),
+    for the caller to write with the run's other outputs."""
     path = check_readme(path)
     text = path.read_text(encoding="utf-8")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    atomic_write(path, f"{head}{BEGIN}\n{block.strip()}\n{END}{tail}".encode(), "--readme")
+    return f"{head}{BEGIN}\n{block.strip()}\n{END}{tail}".encode()

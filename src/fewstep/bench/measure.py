@@ -12,6 +12,8 @@ import csv
 import functools
 import io
 import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +22,13 @@ import numpy as np
 import torch
 
 from fewstep.bench import stats
-from fewstep.bench.command import DEFAULT_NFE, SEARCH_ITERATIONS, SEARCHED
+from fewstep.bench.command import DEFAULT_NFE, MAX_NFE, SEARCH_ITERATIONS, SEARCHED
 from fewstep.bench.grids import Grid, get_grid
 from fewstep.bench.peers import NOTES as PEER_NOTES
 from fewstep.bench.peers import PEERS, is_peer, peer_method
 from fewstep.bench.problems import Problem, load_problem
 from fewstep.errors import InvalidInput
-from fewstep.files import atomic_write
+from fewstep.files import atomic_write, check_output
 from fewstep.solvers.plan import StepCountError
 
 OFFICIAL = ("stork-2-official", "stork-4-official")
@@ -46,6 +48,7 @@ class Bench:
     sq: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # per-sample squared errors, by method/NFE
     problem: Problem | None = None
     grid: Grid | None = None
+    skipped: dict[str, dict[int, str]] = field(default_factory=dict)  # method → {NFE it cannot make: why}
 
 
 def single_thread() -> None:
@@ -90,7 +93,7 @@ def methods(problem: Problem, grid: Grid, seed: int = 0, search_iterations: int 
     exactly nfe calls). The searched NeuralSolver is searched per NFE on the problem's training noises, sharing one
     teacher solve; it learns its own time grid. `specs`: solvers with options ('stork-4:extrapolate=data')."""
     import fewstep
-    from fewstep.search import search, teacher_bank
+    from fewstep.search import MAX_SEARCH_STEPS, search, teacher_bank
 
     v, noise = problem.velocity, problem.noise
     table = {n: _ours(n, v, noise, grid) for n in fewstep.solvers.names()}
@@ -102,8 +105,9 @@ def methods(problem: Problem, grid: Grid, seed: int = 0, search_iterations: int 
         return teacher_bank(problem.search_model, problem.train_noise)
 
     def searched(nfe: int) -> torch.Tensor:
-        if nfe < 2:
-            raise StepCountError("search needs at least 2 steps")
+        if not 2 <= nfe <= MAX_SEARCH_STEPS:  # as `fewstep search --steps`; a 1000-step search would run for hours
+            raise StepCountError(f"{SEARCHED} cannot make exactly {nfe} model calls; a search takes 2 to "
+                                 f"{MAX_SEARCH_STEPS} steps")
         found = search(problem.search_model, nfe, noise=problem.train_noise, iterations=search_iterations,
                        batch=SEARCH_BATCH, seed=seed, trajectories=teacher(), model_name=problem.name)
         return fewstep.sample(v, noise, "neuralsolver", nfe, solver_file=found)
@@ -182,14 +186,15 @@ def run_bench(problem: str | Problem = "gmm8d", solvers: list[str] | None = None
     grid = get_grid(grid) if isinstance(grid, str) else grid
     task = load_problem(problem, samples, seed, cache) if isinstance(problem, str) else problem
     table = methods(task, grid, seed, search_iterations, tuple(names))
-    rows, kept, sqs = [], {}, {}
+    rows, kept, sqs, skipped = [], {}, {}, {}
     bar = tqdm([(name, n) for name in names for n in nfe], desc=f"bench {task.name} {grid.name}", unit="run",
                disable=not progress)
     for name, n in bar:
         bar.set_postfix_str(f"{name} NFE {n}")
         try:
             x = table[name](n).double()
-        except StepCountError:  # cannot make exactly n model calls (heun: even only; FlowMatchHeun: odd only)
+        except StepCountError as err:  # cannot make exactly n model calls (heun: even only; FlowMatchHeun: odd only)
+            skipped.setdefault(name, {})[n] = str(err)
             continue
         sq = stats.per_sample_sq(x, task.reference)
         lo, hi = stats.rmse_ci(sq, resamples, seed)
@@ -214,7 +219,18 @@ def run_bench(problem: str | Problem = "gmm8d", solvers: list[str] | None = None
                   f"not the bench noises), {search_iterations} iterations, batch {SEARCH_BATCH}, search seed {seed}, "
                   "one exact DOP853 teacher (rtol 1e-9) shared by all NFE; it learns its own time grid, so the grid "
                   "does not change it",)
-    return Bench(rows, notes, kept, task.reference[:GRID], sqs, task, grid)
+    return Bench(rows, notes, kept, task.reference[:GRID], sqs, task, grid, skipped)
+
+
+def skipped_notes(benches: list[Bench]) -> list[str]:
+    """One line per method that could not make some of the requested NFE in any of `benches`: which NFE, and why
+    (the error's reason, after its '; ', for the first of them)."""
+    why: dict[str, dict[int, str]] = {}
+    for bench in benches:
+        for name, cells in bench.skipped.items():
+            why.setdefault(name, {}).update(cells)
+    return [f"note: {name} cannot make {', '.join(map(str, sorted(cells)))} model calls "
+            f"({cells[min(cells)].split('; ', 1)[-1]}); its cells are left out" for name, cells in why.items()]
 
 
 def _table(rows: list[dict], cell: Callable[[dict], str]) -> str:
@@ -256,15 +272,34 @@ def markdown(bench: Bench, notes: tuple[str, ...] | None = None) -> str:
         *winners(rows), "", *(f"- {note}" for note in notes), ""])
 
 
-def write_tables(rows: list[dict], out: Path, stem: str) -> None:
+def tables(rows: list[dict], stem: str) -> dict[str, bytes]:
+    """`stem`.csv and `stem`.json of `rows` (none for no rows), by file name."""
     if not rows:
-        return
+        return {}
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(out / f"{stem}.csv", buf.getvalue().encode())
-    atomic_write(out / f"{stem}.json", json.dumps(rows, indent=1).encode())
+    return {f"{stem}.csv": buf.getvalue().encode(), f"{stem}.json": json.dumps(rows, indent=1).encode()}
+
+
+def write_files(files: dict[Path, bytes]) -> None:
+    """Every file or none: each is written in full beside its target under a temporary name (by `atomic_write`:
+    checked, flushed, missing folders created) and only when all were written are they renamed into place; any
+    failure, Ctrl-C included, removes the temporary files, so no run leaves half its outputs next to old ones."""
+    staged: dict[Path, Path] = {}
+    try:
+        for path, data in files.items():
+            real = check_output(path)  # beside a symlink's target, which is what gets replaced
+            staged[real] = real.with_name(f".{real.name}.{os.getpid()}.part")
+            atomic_write(staged[real], data)
+            if real.exists():  # keep the replaced file's mode, as atomic_write does
+                shutil.copymode(real, staged[real])
+        for real, tmp in staged.items():
+            os.replace(tmp, real)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
 
 
 def _png(fig) -> bytes:
@@ -364,22 +399,20 @@ def problem_markdown(benches: list[Bench], title: str) -> str:
     return "\n".join(parts)
 
 
-def write_problem(benches: list[Bench], out: Path, stem: str, title: str, highlight: str | None = None) -> list[str]:
-    """`stem`.csv/.json/.md/.png (all grids of one problem) and, for image problems, a sample grid per grid.
-    Returns the file names written."""
+def problem_outputs(stem: str, grids: list[Grid]) -> list[str]:
+    """The names of `problem_files`: `stem`.csv/.json/.md/.png and a sample grid per grid of an image problem."""
+    return [f"{stem}.{e}" for e in ("csv", "json", "md", "png")] + [f"{stem}-{g.name}-samples.png" for g in grids]
+
+
+def problem_files(benches: list[Bench], stem: str, title: str, highlight: str | None = None) -> dict[str, bytes]:
+    """The files of one problem (all its grids) by name, see `problem_outputs`; none when no method ran."""
     rows = [r for b in benches for r in b.rows]
     if not rows:
-        return []
-    write_tables(rows, out, stem)
-    atomic_write(out / f"{stem}.md", f"{problem_markdown(benches, title)}\n![{stem}]({stem}.png)\n".encode())
-    atomic_write(out / f"{stem}.png", plot(benches, title, highlight))
-    written = [f"{stem}.{e}" for e in ("csv", "json", "md", "png")]
-    for bench in benches:
-        if bench.samples:
-            name = f"{stem}-{bench.grid.name}-samples.png"
-            atomic_write(out / name, sample_grid(bench))
-            written.append(name)
-    return written
+        return {}
+    image = [b for b in benches if b.samples]
+    contents = [*tables(rows, stem).values(), f"{problem_markdown(benches, title)}\n![{stem}]({stem}.png)\n".encode(),
+                plot(benches, title, highlight), *(sample_grid(b) for b in image)]
+    return dict(zip(problem_outputs(stem, [b.grid for b in image]), contents, strict=True))
 
 
 def parse_nfe(text: str) -> list[int]:
@@ -390,4 +423,6 @@ def parse_nfe(text: str) -> list[int]:
         raise InvalidInput(f"--nfe must be comma-separated positive integers, got {text!r}") from None
     if values[0] < 1:
         raise InvalidInput(f"--nfe values must be positive integers, got {text!r}")
+    if values[-1] > MAX_NFE:
+        raise InvalidInput(f"--nfe values must be at most {MAX_NFE} model calls, got {text!r}")
     return values

@@ -53,7 +53,7 @@ def peer_steps(name: str, nfe: int) -> int:
     if PEERS[name][0] != "FlowMatchHeunDiscreteScheduler":
         return nfe
     if nfe % 2 == 0:
-        raise StepCountError(f"{name} makes an odd number of model calls, not {nfe}")
+        raise StepCountError(f"{name} cannot make exactly {nfe} model calls; it makes odd numbers only")
     return (nfe + 1) // 2
 
 
