@@ -650,6 +650,8 @@ def test_epsilon_pixart_real_config_runs_every_solver_with_exact_constant_noise(
     (lambda: FewstepScheduler(use_karras_sigmas=True, use_beta_sigmas=True), "only one of use_karras_sigmas"),
     (lambda: FewstepScheduler(solver=None), "solver must be a fewstep solver name"),
     (lambda: FewstepScheduler(solver_options="x"), "solver_options must be a dict"),
+    (lambda: FewstepScheduler(shift=0.0), "shift must be a finite number > 0"),
+    (lambda: FewstepScheduler(num_train_timesteps=0), "num_train_timesteps must be an integer of at least 2"),
 ])
 def test_bad_construction_is_a_clear_value_error(make, message):
     with pytest.raises(ValueError, match=message):
@@ -757,6 +759,19 @@ def test_switching_between_fewstep_schedulers_keeps_the_schedule_not_the_solver(
     assert s.config.solver == "adams3" and not s.config.solver_options
     kept = FewstepScheduler.from_config(options)
     assert kept.config.solver_options == {"extrapolate": "velocity"}
+
+
+def test_rebuilding_from_our_own_config_logs_no_unexpected_keys(monkeypatch):
+    """Pipelines rebuild their scheduler from its config (generate does it per seed): no "config attributes ... were
+    passed ... but are not expected" warning for the keys we add ourselves."""
+    import diffusers.configuration_utils as config_utils
+
+    seen = []
+    monkeypatch.setattr(config_utils.logger, "warning", lambda msg, *a, **k: seen.append(msg))
+    first = StorkScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, order=2)
+    for cls in (StorkScheduler, FewstepScheduler, AdamsScheduler):
+        cls.from_config(first.config)
+    assert seen == []
 
 
 def test_our_config_has_no_use_flow_sigmas_so_flux_pipelines_keep_passing_their_sigmas():

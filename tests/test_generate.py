@@ -114,6 +114,7 @@ def test_stork_docs_order_kwarg_picks_the_solver():
     plain = pixels("stork-2", {})
     assert pixels("stork-2", {"order": 2}) == plain and pixels("stork", {"order": 2}) == plain
     assert pixels("stork", {}) == pixels("stork-4", {}) != plain
+    assert pixels("adams", {}) == pixels("adams2", {})  # a family alone is its default member, as "stork"
     # adams-denoise is no member of the adams family: its `order` is its own option (order 3 differs from order 2)
     default = pixels("adams-denoise", {})
     assert pixels("adams-denoise", {"order": 2}) == default != pixels("adams-denoise", {"order": 3})
@@ -224,9 +225,93 @@ def test_model_path_python_api_calls_the_transformer_once_per_step(tmp_path, tin
     assert counter.calls == 0  # refused before the first model call
 
 
+def test_a_hub_id_loads_from_the_local_cache(tmp_path, tiny_schnell):
+    """owner/name is looked up in the Hugging Face cache (HF_HUB_CACHE), offline: not refused as a missing path."""
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--tiny--schnell" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_schnell, snapshot)
+    (tmp_path / "hub" / "models--tiny--schnell" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny--schnell" / "refs" / "main").write_text("0" * 40)
+    out = tmp_path / "out.png"
+    result = subprocess.run([sys.executable, "-m", "fewstep", "generate", "--model", "tiny/schnell", "--prompt",
+                             "a fox", "--steps", "2", "--height", "32", "--width", "32", "-q", "--output", str(out)],
+                            capture_output=True, text=True, env={**ENV, "HF_HUB_CACHE": str(tmp_path / "hub")},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert read_image(out).size == (32, 32)
+
+
+def test_a_pipeline_folder_missing_a_component_is_refused_in_one_line(tmp_path, tiny_schnell):
+    import shutil
+
+    broken = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_schnell, broken)
+    shutil.rmtree(broken / "tokenizer_2")  # transformers would build an empty tokenizer and ignore the prompt
+    result = fewstep("generate", "--model", str(broken), "--prompt", "a fox", "--steps", "2", "--output",
+                     str(tmp_path / "x.png"))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "has no tokenizer_2 folder (model_index.json lists it)" in result.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_nan_pixels_from_a_pipeline_are_an_error_not_a_black_image(tiny_schnell):
+    import fewstep as fs
+    from fewstep.errors import NonFiniteError
+
+    model = fs.load(tiny_schnell)  # a Path is a path
+    model.pipe.transformer.register_forward_hook(lambda module, args, out: (out[0] * float("nan"),))
+    with pytest.raises(NonFiniteError, match="produced NaN or Inf pixels \\(seed 3"):
+        model.generate_image(seed=3, prompt="a fox", config=fs.Config(num_inference_steps=2, height=32, width=32))
+
+
+def test_pipeline_config_and_img2img_problems_name_their_source(tmp_path):
+    import pipelines as tiny
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    import fewstep as fs
+    from fewstep.generate import DiffusersModel
+
+    flux = tiny.flux()
+    flux.scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    with pytest.raises(InvalidInput, match="--model tiny: scheduler/scheduler_config.json: stochastic_sampling=True"):
+        DiffusersModel(flux, "tiny", 2, 1.0).generate_image(seed=1, prompt="x")
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), (90, 20, 200)).save(picture)
+    pixart = DiffusersModel(tiny.pixart_sigma(), "tiny-pixart", 2, 1.0)
+    with pytest.raises(InvalidInput, match="--image: PixArtSigmaPipeline has no image-to-image pipeline"):
+        pixart.generate_image(seed=1, prompt="x", config=fs.Config(image_path=str(picture), image_strength=0.5))
+
+
+@pytest.mark.parametrize("mode,values,top", [("I;16", [0, 1000, 30000, 65535], 65535), ("F", [0.0, 0.25, 0.5, 1.0], 1)])
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path, mode, values, top):
+    import numpy as np
+
+    from fewstep.generate import read_image as read_input
+
+    array = np.repeat(np.array(values, dtype=np.uint16 if mode == "I;16" else np.float32)[None, :], 4, axis=0)
+    path = tmp_path / ("in.png" if mode == "I;16" else "in.tiff")
+    Image.fromarray(array).save(path)  # uint16: mode I;16, float32: mode F
+    grey = np.asarray(read_input(path).convert("L"))[0]
+    assert grey.tolist() == [round(v / top * 255) for v in values]
+
+
 @pytest.mark.parametrize("prompt", [None, 7])
 def test_a_prompt_that_is_no_string_is_invalid_input(prompt):
     import fewstep as fs
 
     with pytest.raises(InvalidInput, match="prompt \\(--prompt\\) must be a string"):
         fs.load("digits").generate_image(seed=1, prompt=prompt)
+
+
+def test_numpy_numbers_are_accepted_where_python_numbers_are():
+    import numpy as np
+
+    import fewstep as fs
+
+    model = fs.load("digits")
+    plain = model.generate_image(seed=5, prompt="4", config=fs.Config(num_inference_steps=4, guidance=2.0))
+    numpy = model.generate_image(seed=np.int64(5), prompt="4", config=fs.Config(
+        num_inference_steps=np.int64(4), guidance=np.float32(2.0)))
+    assert numpy.image.tobytes() == plain.image.tobytes()
+    assert json.dumps(numpy.metadata)  # plain ints and floats in the metadata

@@ -25,6 +25,7 @@ travel along as hidden config. A config dict, a FrozenDict or a saved config fol
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -93,7 +94,7 @@ def _schedule_of(config: dict, cls: type) -> dict:
         config["prediction_type"] = "epsilon"
     if "solver_order" in config:  # DPM-Solver, UniPC, DEIS (in memory a config has no _class_name): their spacing
         config["timestep_spacing_rule"] = "dpm-solver"
-    if config.get("fewstep_class", cls.__name__) != cls.__name__:
+    if config.pop("fewstep_class", cls.__name__) != cls.__name__:  # (popped: not an __init__ key, no warning)
         # Another fewstep scheduler's solver and its options (StorkScheduler's order 4 is not AdamsScheduler's order
         # 4): the schedule is kept, the solver is this class's default, as between two diffusers classes.
         config = {k: v for k, v in config.items() if k not in _solver_keys()}
@@ -152,6 +153,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise InvalidInput(f"solver_options must be a dict of the solver's options, got {solver_options!r}")
         if prediction_type not in PREDICTIONS:
             raise InvalidInput(f"prediction_type must be one of {', '.join(PREDICTIONS)}, got {prediction_type!r}")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+            raise InvalidInput(f"num_train_timesteps must be an integer of at least 2, got {num_train_timesteps!r}")
+        if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+            raise InvalidInput(f"shift must be a finite number > 0, got {shift!r}")
         if invert_sigmas:
             raise InvalidInput("invert_sigmas=True (Mochi) is not supported")
         if time_shift_type not in ("exponential", "linear"):

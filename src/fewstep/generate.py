@@ -15,6 +15,7 @@ import difflib
 import io
 import json
 import math
+import numbers
 import os
 import re
 import stat
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fewstep.errors import InputFileError, InvalidInput
+from fewstep.errors import FewstepError, InputFileError, InvalidInput, NonFiniteError
 from fewstep.models import EMBEDDED
 from fewstep.solvers.registry import RECOMMENDED
 
@@ -80,7 +81,7 @@ def _suggest(word: str, choices: Any) -> str:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # NumPy integers too
 
 
 def check_config(config: Config, default_steps: int, default_guidance: float) -> tuple[int, float]:
@@ -93,13 +94,13 @@ def check_config(config: Config, default_steps: int, default_guidance: float) ->
         if value is not None and (not _is_int(value) or not 1 <= value <= MAX_SIDE):
             raise InvalidInput(f"{name} (--{name}) must be an integer from 1 to {MAX_SIDE} pixels, got {value!r}")
     guidance = default_guidance if config.guidance is None else config.guidance
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):
         raise InvalidInput(f"guidance (--guidance) must be a finite number, got {guidance!r}")
     strength = config.image_strength
     if strength is not None:
         if config.image_path is None:
             raise InvalidInput("image_strength (--strength) is given without an input image (--image)")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
             raise InvalidInput(f"image_strength (--strength) must be a number in (0, 1], got {strength!r}")
     if config.image_path is not None:
         check_input_file(config.image_path, "--image")
@@ -126,6 +127,7 @@ def check_input_file(path: str | os.PathLike, flag: str) -> Path:
 def read_image(path: str | os.PathLike, flag: str = "--image"):
     """The image at `path`, fully decoded (a PIL image); `InputFileError` naming the file if it is missing, not a
     regular file, not an image, truncated or too large to decode safely."""
+    import numpy as np
     from PIL import Image
 
     check_input_file(path, flag)
@@ -138,10 +140,17 @@ def read_image(path: str | os.PathLike, flag: str = "--image"):
     except (OSError, SyntaxError, ValueError) as err:  # not an image (UnidentifiedImageError), truncated, corrupt
         reason = " ".join(str(err).split()) or type(err).__name__
         raise InputFileError(f"{flag} {os.fspath(path)}: not a readable image ({reason})") from None
+    if image.mode.startswith(("I", "F")):
+        # 16-bit and float images: PIL's convert("L"/"RGB") clips them to 0-255 (a 16-bit photo turns white, a 0-1
+        # float one black); scaled by their type's full range instead (float: 0-1).
+        values = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode.startswith("F") else (65535.0 if values.max() > 255 or "16" in image.mode else 255.0)
+        image = Image.fromarray(np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8), "L")
     return image
 
 
 FAMILIES = {"stork": "stork-{}", "adams": "adams{}"}  # scheduler families whose member is picked by `order`
+FAMILY_DEFAULTS = {"stork": 4, "adams": 2}  # without `order`: the official STORK default, AdamsScheduler's default
 
 
 def resolve_scheduler(scheduler: str, kwargs: dict) -> tuple[str, dict]:
@@ -168,8 +177,8 @@ def resolve_scheduler(scheduler: str, kwargs: dict) -> tuple[str, dict]:
         if name not in (family, member):
             raise InvalidInput(f"scheduler {scheduler!r} contradicts scheduler_kwargs order={order!r}")
         name = member
-    elif name == "stork":
-        name = "stork-4"
+    elif name in FAMILY_DEFAULTS:
+        name = FAMILIES[name].format(FAMILY_DEFAULTS[name])
     if name not in solvers.names():
         raise InvalidInput(f"scheduler_kwargs order={order!r} names no {family} solver; available: "
                            f"{', '.join(n for n in solvers.names() if n.startswith(str(family)))}")
@@ -185,7 +194,6 @@ def build_solver(name: str, options: dict, steps: int) -> Any:
     """The solver `name` with `options`, checked to make exactly `steps` model calls: InvalidInput (or the solver
     file's own InputFileError) before any model is loaded."""
     from fewstep import solvers
-    from fewstep.errors import FewstepError
 
     try:
         solver = solvers.get(name, **options)
@@ -292,7 +300,7 @@ class EmbeddedModel:
         steps, guidance = check_config(config, self.default_steps, self.default_guidance)
         _check_prompt(prompt)
         label = self.module.parse_prompt(prompt)  # InvalidInput when it names no class, or several
-        _check_seed(seed)
+        seed = _check_seed(seed)
         solver, options = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
         options = with_shipped_solver(solver, options, self.kind)
         if solver == "neuralsolver":  # a file searched on a shifted grid: the embedded models sample unshifted
@@ -360,30 +368,41 @@ class DiffusersModel:
 
         source = alias.repo if alias else model
         device, dtype = _device_and_dtype(torch, device)
+        if Path(source).is_dir():
+            _check_pipeline_folder(Path(source), model)
         try:
             pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=True)
-        except (OSError, ValueError) as err:
-            hint = (f"download it first: `hf download {source}` (accept its licence on the Hub if gated), or pass "
-                    "--model PATH to a local copy") if not Path(source).exists() else " ".join(str(err).split())
-            raise ModelNotFoundError(f"model {model!r} ({source}) is not available locally; {hint}") from None
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+            if Path(source).exists():  # there, but not loadable: say why, not that it is missing
+                raise InputFileError(f"--model {model}: cannot load this pipeline folder ({type(err).__name__}: "
+                                     f"{' '.join(str(err).split())})") from None
+            raise ModelNotFoundError(f"model {model!r} ({source}) is not available locally; download it first: `hf "
+                                     f"download {source}` (accept its licence on the Hub if gated), or pass --model "
+                                     "PATH to a local copy") from None
         pipe.to(device)
         steps, guidance = (alias.steps, alias.guidance) if alias else _defaults_for(pipe)
         return cls(pipe, model, steps, guidance)
 
     def generate_image(self, seed: int, prompt: str, config: Config | None = None) -> GeneratedImage:
+        import numpy as np
         import torch
+        from PIL import Image
 
         from fewstep.diffusers import FewstepScheduler
 
         config = config or Config()
         steps, guidance = check_config(config, self.default_steps, self.default_guidance)
         _check_prompt(prompt)
-        _check_seed(seed)
+        seed = _check_seed(seed)
         pipe = self.pipe
         solver, options = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
-        pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config, solver=solver, solver_options=options)
+        try:
+            pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config, solver=solver, solver_options=options)
+        except InvalidInput as err:  # a key of the model's scheduler config, which no flag sets
+            raise InvalidInput(f"--model {self.name}: scheduler/scheduler_config.json: {err}") from None
+        # "np", not "pil": a NaN image must fail here, not become black pixels (PIL's uint8 cast turns NaN into 0)
         kwargs: dict[str, Any] = {"prompt": prompt, "num_inference_steps": steps,
-                                  "generator": torch.Generator("cpu").manual_seed(seed), "output_type": "pil"}
+                                  "generator": torch.Generator("cpu").manual_seed(seed), "output_type": "np"}
         if config.height is not None:
             kwargs["height"] = config.height
         if config.width is not None:
@@ -395,17 +414,46 @@ class DiffusersModel:
         if config.image_path:
             from diffusers import AutoPipelineForImage2Image
 
-            pipe = AutoPipelineForImage2Image.from_pipe(pipe)
+            try:
+                pipe = AutoPipelineForImage2Image.from_pipe(pipe)
+            except ValueError:
+                raise InvalidInput(f"--image: {type(pipe).__name__} has no image-to-image pipeline in diffusers"
+                                   ) from None
             kwargs["image"] = read_image(config.image_path).convert("RGB")
             kwargs["strength"] = 0.4 if config.image_strength is None else config.image_strength
         pipe.set_progress_bar_config(disable=not self.progress)
-        image = pipe(**kwargs).images[0]
+        try:
+            pixels = pipe(**kwargs).images[0]
+        except FewstepError:
+            raise
+        except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as err:  # size, config or model failure
+            raise InvalidInput(f"--model {self.name}: the pipeline failed ({type(err).__name__}: "
+                               f"{' '.join(str(err).split())})") from None
+        if not np.isfinite(pixels).all():
+            raise NonFiniteError(f"--model {self.name} produced NaN or Inf pixels (seed {seed}, guidance {guidance:g}"
+                                 "); lower --guidance or check the model")
+        image = Image.fromarray((pixels * 255).round().astype(np.uint8))  # as diffusers' numpy_to_pil
         return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance, image))
 
 
-def _check_seed(seed: Any) -> None:
+def _check_pipeline_folder(folder: Path, model: str) -> None:
+    """Every component model_index.json names must have its folder: transformers fills a missing tokenizer with an
+    empty one and the prompt is silently ignored."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return  # not a pipeline folder: from_pretrained says so
+    missing = [name for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list)
+               and len(spec) == 2 and spec[0] is not None and spec[1] is not None and not (folder / name).is_dir()]
+    if missing:
+        raise InputFileError(f"--model {model}: the pipeline folder has no {', '.join(missing)} folder "
+                             "(model_index.json lists it)")
+
+
+def _check_seed(seed: Any) -> int:
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise InvalidInput(f"seed (--seed) must be an integer from 0 to 2**64-1, got {seed!r}")
+    return int(seed)
 
 
 def _check_prompt(prompt: Any) -> None:
@@ -458,7 +506,8 @@ def check_model_name(model: str | None) -> None:
         raise InvalidInput(f"--model must be a name or path, got {model!r}")
     if os.path.lexists(model):
         return
-    if model.startswith((".", "~", os.sep, "/")) or model.count("/") > 1 or os.sep in model:
+    # A missing path, not owner/name: relative or absolute, deeper than one "/", or with Windows' separator.
+    if model.startswith((".", "~", os.sep, "/")) or model.count("/") > 1 or (os.sep != "/" and os.sep in model):
         raise ModelNotFoundError(f"--model {model}: no such directory (a local model is a folder saved by diffusers' "
                                  "save_pretrained or downloaded with `hf download`)")
     if "/" in model:  # owner/name: a Hugging Face id, looked up in the local cache when loading
@@ -473,10 +522,11 @@ def embedded_kind(model: str | None) -> str:
     return DEFAULT_EMBEDDED if model in (None, "embedded") else model
 
 
-def load(model: str | None = None, device: str | None = None) -> EmbeddedModel | DiffusersModel:
+def load(model: str | os.PathLike | None = None, device: str | None = None) -> EmbeddedModel | DiffusersModel:
     """The embedded Fashion-MNIST model (no argument; "digits": the digits model), an alias (schnell, dev, qwen, sd3),
     a hub id or a local path, on `device` (cpu, cuda, mps; default: the CPU for the embedded model, the best available
     for a pipeline)."""
+    model = os.fspath(model) if isinstance(model, os.PathLike) else model
     check_model_name(model)
     if model is None or model in EMBEDDED_NAMES:
         return EmbeddedModel(pick_device(device) if device is not None else "cpu", embedded_kind(model))
