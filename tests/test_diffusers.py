@@ -433,9 +433,8 @@ def test_from_config_takes_a_flow_unipc_shift_and_an_epsilon_unipc_as_epsilon():
     s = FewstepScheduler.from_config(flow.config, solver="euler")
     assert s.config.prediction_type == "flow_prediction" and s.shift == 5.0
     s.set_timesteps(4)
-    ref = FlowMatchEulerDiscreteScheduler(shift=5.0)
-    ref.set_timesteps(4)
-    torch.testing.assert_close(s.sigmas, ref.sigmas, atol=1e-6, rtol=0)
+    flow.set_timesteps(4)  # UniPC's own flow grid, not FlowMatchEuler's (test_a_flow_unipc_config_keeps_unipcs_grid)
+    torch.testing.assert_close(s.sigmas[1:], flow.sigmas[1:].float(), atol=1e-7, rtol=0)
     eps = FewstepScheduler.from_config(UniPCMultistepScheduler(beta_schedule="scaled_linear").config)
     assert eps.config.prediction_type == "epsilon" and eps.config.beta_schedule == "scaled_linear"
     assert eps.config.timestep_spacing == "linspace"  # UniPC's default spacing is what that scheduler used
@@ -800,7 +799,8 @@ def test_sigmas_with_separate_timesteps_integrate_the_sigmas_and_give_the_model_
     assert seen["ours"] == seen["diffusers"] == pytest.approx(timesteps.tolist(), abs=1e-4)
     heun = FewstepScheduler.from_config(ref.config, solver="heun")
     heun.set_timesteps(sigmas=sigmas, timesteps=timesteps, mu=0.6)
-    assert heun.timesteps[0] == 1000.0 and 1.0 <= float(heun.timesteps.min()) and len(heun.timesteps) == 6
+    assert heun.timesteps[0] == 1000.0 and len(heun.timesteps) == 6
+    assert float(heun.timesteps[-1]) == 0.0 and float(heun.sigmas[-2]) == 0.0  # its last stage, at σ = 0
     assert torch.all(torch.diff(heun.timesteps) <= 0)
 
 
@@ -822,6 +822,86 @@ def test_per_token_timesteps_are_refused_with_a_clear_message():
     x = torch.zeros(1, 4)
     with pytest.raises(InvalidInput, match="per_token_timesteps"):
         s.step(x, s.timesteps[0], x, per_token_timesteps=torch.full((1, 4), 1000.0))
+
+
+@pytest.mark.parametrize("steps", [4, 6, 9])
+def test_a_flow_unipc_config_keeps_unipcs_grid(steps):
+    """Wan / Sana ship UniPC in flow mode: its grid (linspace(1, 1/T, N + 1) without the last value, shifted) has no
+    call at FlowMatchEuler's σ_min."""
+    from diffusers import UniPCMultistepScheduler
+
+    ref = UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    s = FewstepScheduler.from_config(ref.config, solver="adams-denoise")
+    for sched in (s, ref):
+        sched.set_timesteps(steps)
+    torch.testing.assert_close(s.sigmas[1:], ref.sigmas[1:].float(), atol=1e-7, rtol=0)
+    assert float(s.sigmas[0]) == 1.0 and float(s.sigmas[-2]) > 0.1  # (UniPC starts at 1 − 1e-6 against its log)
+    again = FewstepScheduler.from_config(s.config)
+    again.set_timesteps(steps)
+    assert torch.equal(again.sigmas, s.sigmas)
+
+
+def test_config_edits_and_flow_shift_keyword_are_honoured():
+    ours = FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    assert FewstepScheduler.from_config({**ours.config, "shift": 5.0}).config.shift == 5.0
+    from diffusers import UniPCMultistepScheduler
+
+    wan = UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction").config
+    assert FewstepScheduler.from_config(wan, flow_shift=5.0).config.shift == 5.0
+    assert FewstepScheduler.from_config(wan).config.shift == 3.0
+
+
+def test_an_old_dpm_solver_file_without_timestep_spacing_keeps_dpm_solvers_default(tmp_path):
+    """DPMSolverMultistep JSONs from before timestep_spacing existed: DPM-Solver's default is "linspace", ours
+    "leading" (which would start at t = 800)."""
+    old = {"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.14.0", "beta_start": 0.0001,
+           "beta_end": 0.02, "beta_schedule": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+           "solver_order": 2, "algorithm_type": "dpmsolver++", "trained_betas": None}
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(old))
+    s = FewstepScheduler.from_pretrained(tmp_path)
+    s.set_timesteps(4)
+    assert s.timesteps.tolist() == [999.0, 749.0, 500.0, 250.0]
+
+
+def test_a_learned_variance_output_is_split_as_ddpm_does():
+    """Kandinsky / DeepFloyd IF keep the variance channels when the scheduler config says variance_type learned."""
+    from diffusers import DDPMScheduler
+
+    s = FewstepScheduler.from_config(DDPMScheduler(variance_type="learned_range", clip_sample=False).config,
+                                     solver="euler")
+    s.set_timesteps(4)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    both = s.step(torch.cat([eps, torch.full_like(eps, 7.0)], dim=1), s.timesteps[0], x).prev_sample
+    s.set_timesteps(4)
+    assert torch.equal(both, s.step(eps, s.timesteps[0], x).prev_sample)
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"_class_name": "EDMEulerScheduler", "sigma_data": 0.5}, "EDM-parameterised model"),
+    ({"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0}, "EDM-parameterised model"),
+    ({"_class_name": "DDIMInverseScheduler"}, "an inverse scheduler"),
+    ({"_class_name": "ScoreSdeVeScheduler"}, "neither a VP"),
+    ({"solver_order": 2, "algorithm_type": "sde-dpmsolver++", "prediction_type": "epsilon"}, "stochastic sampling"),
+])
+def test_configs_of_models_these_solvers_cannot_sample_are_refused_by_name(config, message):
+    with pytest.raises(InvalidInput, match=message):
+        FewstepScheduler.from_config(config)
+
+
+def test_an_old_saved_stork_file_read_by_another_class_takes_that_class_default(tmp_path, monkeypatch):
+    """Saved before fewstep_class existed: its _class_name says whose solver keys those are."""
+    import diffusers.configuration_utils as config_utils
+
+    StorkScheduler(order=2, extrapolate="velocity", shift=3.0).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    saved.pop("fewstep_class")
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(saved))
+    seen = []
+    monkeypatch.setattr(config_utils.logger, "warning", lambda msg, *a, **k: seen.append(msg))
+    adams = AdamsScheduler.from_pretrained(tmp_path)
+    assert adams.config.order == 2 and adams.config.shift == 3.0 and seen == []
+    assert StorkScheduler.from_pretrained(tmp_path).config.extrapolate == "velocity"
 
 
 def test_stepping_wrongly_is_a_clear_value_error():

@@ -64,6 +64,17 @@ SCHEDULE_KEYS = ("num_train_timesteps", "prediction_type", "shift", "use_dynamic
 # Source-scheduler options that change what the sampler computes and that no fewstep solver does: refused in
 # from_config rather than kept as hidden config that silently does nothing. clip_sample is only refused when asked for:
 # DDIMScheduler() and DDPMScheduler() default to it, and latent-diffusion configs (SD, PixArt) switch it off.
+# diffusers schedulers whose configs describe no VP or flow model these solvers can sample (by class name; a live
+# EDM config is recognised by its sigma_data key).
+UNSUPPORTED_CLASSES = {
+    **dict.fromkeys(("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"),
+                    "an EDM-parameterised model (σ-scaled inputs, sigma_data)"),
+    **dict.fromkeys(("DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler"),
+                    "an inverse scheduler (data to noise)"),
+    **dict.fromkeys(("CMStochasticIterativeScheduler", "KarrasVeScheduler", "ScoreSdeVeScheduler",
+                     "IPNDMScheduler", "DDPMWuerstchenScheduler", "VQDiffusionScheduler", "AmusedScheduler"),
+                    "a scheduler whose model is neither a VP ε nor a flow-matching model"),
+}
 UNSUPPORTED = {"rescale_betas_zero_snr": "zero terminal SNR", "thresholding": "dynamic thresholding of x0",
                "stochastic_sampling": "stochastic sampling (fewstep solvers are ODE solvers)",
                "use_lu_lambdas": "a grid uniform in log-SNR",
@@ -80,21 +91,33 @@ def _schedule_of(config: dict, cls: type) -> dict:
     the source did (module doc, "from_config"): flow or ε, and the shift under its name here."""
     config = dict(config)
     source = config.get("_class_name")
+    # Ours: a live config has no _class_name but our fewstep_class; a file saved before that key, our _class_name.
+    ours = "fewstep_class" in config or source in _our_classes()
+    if source in UNSUPPORTED_CLASSES or "sigma_data" in config:
+        what = UNSUPPORTED_CLASSES.get(source, UNSUPPORTED_CLASSES["EDMEulerScheduler"])
+        raise InvalidInput(f"{source or 'a config with sigma_data'}: {what} is not supported")
     flow_class = isinstance(source, str) and source.startswith("FlowMatch")
     if flow_class:  # FlowMatchEuler/Heun/LCM are flow matching whatever prediction_type an older config left hidden
         config["prediction_type"] = "flow_prediction"
-    elif source not in _our_classes() and (config.get("use_flow_sigmas")
-                                          or config.get("prediction_type") == "flow_prediction"):
+    elif not ours and (config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction"):
         # UniPC, DPM-Solver(++), DEIS, SA-Solver in flow mode: their shift is `flow_shift`
         config["prediction_type"] = "flow_prediction"
         if "flow_shift" in config:
             config["shift"] = config["flow_shift"]
-    elif isinstance(source, str) and source not in _our_classes() and "prediction_type" not in config:
+    elif isinstance(source, str) and not ours and "prediction_type" not in config:
         # Early configs (SD 1.x's PNDMScheduler JSON) have no prediction_type: the class default, ε, is what ran.
         config["prediction_type"] = "epsilon"
-    if "solver_order" in config:  # DPM-Solver, UniPC, DEIS (in memory a config has no _class_name): their spacing
-        config["timestep_spacing_rule"] = "dpm-solver"
-    if config.pop("fewstep_class", cls.__name__) != cls.__name__:  # (popped: not an __init__ key, no warning)
+    if isinstance(source, str) and not ours and "timestep_spacing" not in config:
+        # An older file of a class whose default spacing is not ours ("leading"): DPM-Solver's and Euler's is
+        # "linspace"; DPMSolverSinglestep has no such key and spaces as DPM-Solver's "linspace".
+        import diffusers
+
+        param = inspect.signature(getattr(diffusers, source, cls).__init__).parameters.get("timestep_spacing")
+        config["timestep_spacing"] = param.default if param is not None else "linspace"
+    if not ours and ("solver_order" in config or source == "DPMSolverSinglestepScheduler"):
+        config["timestep_spacing_rule"] = "dpm-solver"  # DPM-Solver, UniPC, DEIS (a live config has no _class_name)
+    mine = config.pop("fewstep_class", source if source in _our_classes() else cls.__name__)  # not an __init__ key
+    if mine != cls.__name__:
         # Another fewstep scheduler's solver and its options (StorkScheduler's order 4 is not AdamsScheduler's order
         # 4): the schedule is kept, the solver is this class's default, as between two diffusers classes.
         config = {k: v for k, v in config.items() if k not in _solver_keys()}
@@ -220,6 +243,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         for key, what in UNSUPPORTED.items():
             if merged.get(key) and not (key == "clip_sample" and key in defaults and key not in kwargs):
                 raise InvalidInput(f"{key}=True ({what}) is not supported; pass {key}=False")
+        if str(merged.get("algorithm_type", "")).startswith("sde-"):
+            raise InvalidInput(f"algorithm_type={merged['algorithm_type']!r} (stochastic sampling) is not supported; "
+                               "fewstep solvers are ODE solvers")
+        if "flow_shift" in kwargs and "shift" not in kwargs:  # UniPC's / DPM-Solver's name for the shift
+            kwargs["shift"] = kwargs.pop("flow_shift")
         if "solver" in kwargs and kwargs["solver"] != config.get("solver") and "solver_options" not in kwargs:
             config = {k: v for k, v in config.items() if k != "solver_options"}  # they were the old solver's
         made = super().from_config(_schedule_of(config, cls), return_unused_kwargs=return_unused_kwargs, **kwargs)
@@ -305,6 +333,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             grid = np.r_[vp / (1 + vp), 0.0]
         elif self._epsilon:
             grid = np.r_[self._flow_time_of(self._vp_timesteps(self._intervals(calls))), 0.0]
+        elif cfg.timestep_spacing_rule == "dpm-solver":
+            # UniPC / DPM-Solver in flow mode (Wan, Sana): linspace(1, 1/T, n + 1) without its last value, shifted
+            # (no call at FlowMatchEuler's σ_min); the run ends at 0.
+            body = np.linspace(1.0, 1.0 / cfg.num_train_timesteps, self._intervals(calls) + 1)[:-1]
+            grid = flow_sigmas(sigmas=body.tolist(), **self._shifting(mu))
         else:
             grid = flow_sigmas(self._intervals(calls), **self._shifting(mu))
         plan = grid_plan(self._solver, grid)  # a solver that cannot run this grid (NeuralSolver's table) fails here
@@ -322,8 +355,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             self._warn_grid(mu)
         self._grid = np.asarray(grid, dtype=np.float64)
         self._plan = plan  # in flow variables; `_start_at` rewrites the plan it runs for ε models
-        if model_timesteps is not None:
-            t = np.interp(plan.sigmas, nodes[::-1], model_timesteps[::-1])
+        if model_timesteps is not None:  # (σ = 0, Heun's last stage, is timestep 0)
+            t = np.interp(plan.sigmas, np.r_[0.0, nodes[::-1]], np.r_[0.0, model_timesteps[::-1]])
         else:
             t = self._timestep_of(plan.sigmas) if self._epsilon else plan.sigmas * cfg.num_train_timesteps
         self.timesteps = torch.from_numpy(t).to(torch.float32).to(device)
@@ -475,6 +508,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 out = sample.to(model_output.dtype)
                 out = out.clone() if out is sample else out
                 return (out,) if not return_dict else FewstepSchedulerOutput(prev_sample=out)
+        if (self.config.get("variance_type") in ("learned", "learned_range") and model_output.ndim > 1
+                and model_output.shape[1] == 2 * sample.shape[1]):
+            # A learned-variance model (Kandinsky, DeepFloyd IF, Latte) with such a source config: its pipeline
+            # passes ε and the variance channels, as DDPMScheduler expects; an ODE solver uses ε only.
+            model_output = model_output[:, :sample.shape[1]]
         if model_output.shape != sample.shape:  # a broadcast would silently give every element the same output
             raise InvalidInput(f"model_output has shape {tuple(model_output.shape)}, sample {tuple(sample.shape)}; "
                                "they must be equal")
