@@ -61,9 +61,6 @@ SCHEDULE_KEYS = ("num_train_timesteps", "prediction_type", "shift", "use_dynamic
                  "beta_start", "beta_end", "beta_schedule", "trained_betas", "timestep_spacing", "steps_offset",
                  "timestep_spacing_rule",
                  *(f"use_{name}_sigmas" for name in SPACINGS))
-# Source-scheduler options that change what the sampler computes and that no fewstep solver does: refused in
-# from_config rather than kept as hidden config that silently does nothing. clip_sample is only refused when asked for:
-# DDIMScheduler() and DDPMScheduler() default to it, and latent-diffusion configs (SD, PixArt) switch it off.
 # diffusers schedulers whose configs describe no VP or flow model these solvers can sample (by class name; a live
 # EDM config is recognised by its sigma_data key).
 UNSUPPORTED_CLASSES = {
@@ -75,6 +72,9 @@ UNSUPPORTED_CLASSES = {
                      "IPNDMScheduler", "DDPMWuerstchenScheduler", "VQDiffusionScheduler", "AmusedScheduler"),
                     "a scheduler whose model is neither a VP ε nor a flow-matching model"),
 }
+# Source-scheduler options that change what the sampler computes and that no fewstep solver does: refused in
+# from_config rather than kept as hidden config that silently does nothing. clip_sample is only refused when asked for:
+# DDIMScheduler() and DDPMScheduler() default to it, and latent-diffusion configs (SD, PixArt) switch it off.
 UNSUPPORTED = {"rescale_betas_zero_snr": "zero terminal SNR", "thresholding": "dynamic thresholding of x0",
                "stochastic_sampling": "stochastic sampling (fewstep solvers are ODE solvers)",
                "use_lu_lambdas": "a grid uniform in log-SNR",
