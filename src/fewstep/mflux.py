@@ -31,7 +31,7 @@ import numpy as np
 from mflux.models.common.schedulers.base_scheduler import BaseScheduler
 
 from fewstep.entry import enter
-from fewstep.errors import InvalidInput
+from fewstep.errors import InvalidInput, NonFiniteError
 from fewstep.sampling import resolve_solver
 from fewstep.solvers.plan import Plan, PlanRun, grid_plan, intervals_for
 from fewstep.solvers.registry import RECOMMENDED, info
@@ -80,8 +80,17 @@ class FewstepScheduler(BaseScheduler):
 
     @classmethod
     def solver_options(cls) -> dict[str, Any]:
-        """The solver options this class sets (its class attributes named like the solver's options, unless None)."""
-        return {k: getattr(cls, k) for k in info(cls.solver).options() if getattr(cls, k, None) is not None}
+        """The solver options this class sets (its class attributes named like the solver's options, unless None).
+        Any other public class attribute of a subclass is refused: a misspelt option would otherwise run the default."""
+        accepted = info(cls.solver).options()
+        for klass in cls.__mro__[:cls.__mro__.index(FewstepScheduler)]:
+            for key, value in vars(klass).items():
+                if key.startswith("_") or key == "solver" or key in accepted or callable(value) \
+                        or isinstance(value, (classmethod, staticmethod, property)):
+                    continue
+                raise InvalidInput(f"{klass.__name__}.{key}: solver {cls.solver!r} has no option {key!r}; its "
+                                   f"options: {', '.join(accepted) or 'none'}")
+        return {k: getattr(cls, k) for k in accepted if getattr(cls, k, None) is not None}
 
     def __init__(self, config: Any):
         self.config = config
@@ -95,7 +104,9 @@ class FewstepScheduler(BaseScheduler):
         self._seq_len = config.width * config.height / 256 if self._shifted else None
         self._build()
         start = int(getattr(config, "init_time_step", 0) or 0)
-        if start > 0:  # img2img: a solver that cannot enter there fails now, before the image is encoded
+        # img2img: a solver that cannot enter there fails now, before the image is encoded. At start = steps (image
+        # strength 1) mflux's loop makes no call and returns the image, as with its `linear` scheduler.
+        if 0 < start < self._calls:
             self._entry_plan(start)
 
     # -- mflux's interface -------------------------------------------------------------------------------------------
@@ -122,6 +133,14 @@ class FewstepScheduler(BaseScheduler):
         t = int(timestep)
         if not 0 <= t < self._calls:
             raise InvalidInput(f"timestep {t} is outside this scheduler's {self._calls} steps")
+        if noise.shape != latents.shape:  # a broadcast would silently give every element one output, or grow the batch
+            raise InvalidInput(f"{self._name}: transformer output of shape {tuple(noise.shape)} for latents of shape "
+                               f"{tuple(latents.shape)}")
+        if not mx.issubdtype(latents.dtype, mx.floating):
+            raise InvalidInput(f"{self._name}: latents must be a floating-point MLX array, got {latents.dtype}")
+        if not bool(mx.all(mx.isfinite(noise))):  # mflux evaluates every step anyway: this costs one reduction
+            raise NonFiniteError(f"{self._name}: the transformer output at step {t} (sigma "
+                                 f"{float(self._sigmas[t]):.6g}) is NaN or Inf")
         if self._run is None or t != self._next:
             self._start_at(t)
         x = latents if latents.dtype == mx.float32 else latents.astype(mx.float32)

@@ -143,6 +143,41 @@ def test_step_takes_latents_as_current_state():
     assert np.array(scheduler.sigmas)[0] == 1.0
 
 
+def test_bad_transformer_output_or_latents_are_one_line_errors():
+    scheduler = config("dev", 4, "fewstep.mflux.Stork2").scheduler
+    x = mx.zeros((1, 8, 4))
+    with pytest.raises(ValueError, match=r"Stork2: transformer output of shape \(1, 1, 4\) for latents of shape"):
+        scheduler.step(noise=mx.zeros((1, 1, 4)), timestep=0, latents=x)
+    with pytest.raises(ValueError, match="latents must be a floating-point MLX array"):
+        scheduler.step(noise=mx.zeros((1, 8, 4), dtype=mx.int32), timestep=0, latents=x.astype(mx.int32))
+    nan = mx.full((1, 8, 4), float("nan"))
+    with pytest.raises(FloatingPointError, match=r"Stork2: the transformer output at step 0 \(sigma 1\) is NaN"):
+        scheduler.step(noise=nan, timestep=0, latents=x)
+
+
+def test_a_misspelt_option_of_a_subclass_is_refused():
+    class MyStork(fm.Stork4):
+        derivative_orderr = 3
+
+    class MyEuler(fm.Euler):
+        stages = 3
+
+    for cls, key in ((MyStork, "derivative_orderr"), (MyEuler, "stages")):
+        with pytest.raises(ValueError, match=f"{cls.__name__}.{key}: solver '{cls.solver}' has no option '{key}'"):
+            cls.solver_options()
+    class Fine(fm.Recommended):
+        order = 3
+
+    assert Fine.solver_options() == {"order": 3}
+
+
+def test_image_strength_one_makes_no_call_as_mflux_linear(offline, image):
+    """mflux clamps --image-strength to 1, which starts at init_time_step = steps: no transformer call, the image."""
+    for scheduler in ("linear", "fewstep.mflux.Stork2", "fewstep.mflux.Recommended"):
+        generate(offline, "dev", scheduler, 4, image_path=image, strength=1.0)
+        assert offline.transformer.calls == [], scheduler
+
+
 def test_bf16_latents_are_rounded_once():
     sched32 = config("schnell", 4, "fewstep.mflux.Stork2").scheduler
     sched16 = config("schnell", 4, "fewstep.mflux.Stork2").scheduler
