@@ -268,6 +268,54 @@ def test_cli_searches_a_diffusers_pipeline(tiny_flux, tmp_path, capsys):
     assert _cli("--model", tiny_flux, "--prompts", tmp_path / "none.txt", "--out", out) == 2
 
 
+def test_a_teacher_bank_of_a_pipeline_folder_whose_weights_changed_is_refused(tiny_flux, tmp_path, capsys):
+    """The bank is keyed by the folder's files (names, sizes, times), not only its path: retrained weights under the
+    same path would otherwise reuse the old teacher silently."""
+    import shutil
+
+    model = tmp_path / "flux"
+    shutil.copytree(tiny_flux, model)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    args = ["--model", model, "--prompts", prompts, "--height", 32, "--width", 32, "--steps", 3, "--iterations", 2,
+            "--samples", 4, "--validation", 2, "--batch", 2, "--restarts", 1, "--teacher", "euler:4",
+            "--teacher-points", 4, "--teacher-bank", tmp_path / "bank", "-q"]
+    assert _cli(*args, "--out", tmp_path / "a.json") == 0, capsys.readouterr().err
+    weights = next((model / "transformer").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # a new file in place
+    capsys.readouterr()
+    assert _cli(*args, "--out", tmp_path / "b.json") == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after diffusers' own loading bars)
+    assert last.startswith("fewstep search: error: --teacher-bank") and "(model.weights " in last
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_a_prompts_file_over_16_mib_is_refused_not_cut(tmp_path):
+    big = tmp_path / "prompts.txt"
+    big.write_bytes(("a prompt\n" * (2**24 // 9 + 2)).encode())
+    with pytest.raises(OSError, match=r"--prompts .*prompts.txt: larger than 16 MiB"):
+        S.read_prompts(str(big))
+
+
+def test_pipeline_sizes_and_prompts_it_cannot_search_are_one_line(tiny_flux, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    assert _cli("--model", tiny_flux, "--prompts", prompts, "--height", 1, "--width", 32, "--steps", 3, "--out",
+                tmp_path / "x.json", "-q") == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "fewstep search: error: --height/--width: the pipeline's latent for this size is empty ([1, 0, 4])"
+    assert not (tmp_path / "x.json").exists()
+    sys.path.insert(0, os.path.dirname(__file__))
+    import pipelines as tiny
+
+    from fewstep.errors import InvalidInput
+
+    qwen = tiny.qwen_image()  # its prompt embeddings are not padded: rows of two prompts cannot be stacked
+    qwen.set_progress_bar_config(disable=True)
+    with pytest.raises(InvalidInput, match=r"--prompts: QwenImagePipeline encodes these prompts to different shapes"):
+        S.pipeline_target(qwen, ["red", "a much longer prompt about a blue circle on a wooden table"], 1.0, 32, 32)
+
+
 @pytest.mark.parametrize("shift", [1, 3])
 def test_shipped_digits_solvers_beat_adams2_on_fresh_noise(shift):
     path = S.shipped_solver("digits", shift)

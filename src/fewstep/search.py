@@ -227,6 +227,10 @@ def pipeline_target(pipe: Any, prompts: Sequence[str], guidance: float | None = 
                     pipe(prompt=prompt, **options)
             except _Captured:
                 pass
+            except (ValueError, RuntimeError, TypeError) as err:  # the pipeline's own check_inputs (a size it refuses)
+                raise InvalidInput(f"--model {name or type(pipe).__name__}: the pipeline refused the call "
+                                   f"({' '.join(str(err).split())[:200]}); check --height/--width and --guidance"
+                                   ) from None
             else:
                 raise InvalidInput(f"pipeline {type(pipe).__name__} never called its transformer")
     finally:
@@ -247,6 +251,14 @@ def pipeline_target(pipe: Any, prompts: Sequence[str], guidance: float | None = 
     for kw in captured:
         per_prompt.append({k: v for k, v in kw.items() if k not in ("hidden_states", "timestep")})
     batched = {k for k, v in per_prompt[0].items() if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == 1}
+    for k in batched:  # rows of different prompts are stacked into one batch: their shapes must agree
+        shapes = {tuple(kw[k].shape) for kw in per_prompt}
+        if len(shapes) > 1:
+            raise InvalidInput(f"--prompts: {type(pipe).__name__} encodes these prompts to different shapes ({k}: "
+                               f"{', '.join(str(list(sh)) for sh in sorted(shapes))}, unpadded token lengths); give "
+                               "prompts of one token length, or search one prompt")
+    if not int(np.prod(hidden.shape[1:])):
+        raise InvalidInput(f"--height/--width: the pipeline's latent for this size is empty ({list(hidden.shape)})")
     count = len(prompts)
 
     def velocity(x: Any, sigma: float, index: Any) -> Any:
@@ -261,9 +273,25 @@ def pipeline_target(pipe: Any, prompts: Sequence[str], guidance: float | None = 
         return out.to(x.device, x.dtype)
 
     info = {"model": name or type(pipe).__name__, "pipeline": type(pipe).__name__, "prompts": list(prompts),
-            "guidance": guidance, "latent_shape": list(hidden.shape[1:]), "timestep_scale": scale}
+            "guidance": guidance, "latent_shape": list(hidden.shape[1:]), "timestep_scale": scale,
+            "weights": _folder_fingerprint(name)}
     return Target(name or type(pipe).__name__, velocity, tuple(hidden.shape[1:]), info, default_samples=64,
                   default_validation=16, default_batch=8, time_h=1e-3, default_teacher="heun:50")
+
+
+def _folder_fingerprint(path: str) -> str | None:
+    """A digest of the names, sizes and modification times of the files under a local model folder (None for a hub
+    id): a teacher bank on disk records it, so one solved for other weights under the same path is refused."""
+    import hashlib
+
+    folder = Path(path) if path else None
+    if folder is None or not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(f for f in folder.rglob("*") if f.is_file()):
+        st = file.stat()
+        digest.update(f"{file.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def load_pipeline_target(model: str, prompts: Sequence[str], guidance: float | None = None,
@@ -983,7 +1011,11 @@ def _open_bank(path: Path, meta: dict) -> tuple[np.ndarray, Any]:
         raise InputFileError(f"{flag}: not a fewstep teacher bank (bank.json has no format {BANK_FORMAT!r})")
     for key, value in meta.items():
         if saved.get(key) != value:
-            there, here = (json.dumps(v, default=str)[:80] for v in (saved.get(key), value))
+            there, here = saved.get(key), value
+            if isinstance(there, dict) and isinstance(here, dict):  # the model's description: name what differs in it
+                inner = next(k for k in {**there, **here} if there.get(k) != here.get(k))
+                key, there, here = f"{key}.{inner}", there.get(inner), here.get(inner)
+            there, here = (json.dumps(v, default=str)[:80] for v in (there, here))
             raise InvalidInput(f"{flag} holds the teacher bank of another search ({key} {there} there, {here} "
                                "here); give another path, or remove it to solve the teacher again")
     for name, array in (("teacher.npy", states), ("validation.npy", finals)):
@@ -1368,6 +1400,7 @@ MAX_SEARCH_STEPS = 50
 MAX_ITERATIONS = 10**6
 MAX_BATCH = 2**16
 MAX_SAMPLES = 10**7
+MAX_PROMPTS_BYTES = 2**24  # a prompts file: 16 MiB of text is far more prompts than a search uses
 
 
 def parse_steps(text: str) -> list[int]:
@@ -1534,7 +1567,10 @@ def read_prompts(path: str) -> list[str]:
     try:
         if not Path(path).is_file():
             raise InputFileError(f"--prompts {path}: no such file")
-        text = Path(path).read_bytes()[:2**24].decode("utf-8")
+        if Path(path).stat().st_size > MAX_PROMPTS_BYTES:
+            raise InputFileError(f"--prompts {path}: larger than {MAX_PROMPTS_BYTES // 2**20} MiB; a prompts file "
+                                 "holds one prompt per line")
+        text = Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise InputFileError(f"--prompts {path}: not a UTF-8 text file") from None
     except OSError as err:
