@@ -196,6 +196,13 @@ def test_model_path_generates_end_to_end_from_the_cli(tmp_path, tiny_schnell):
     assert json.loads(read_image(again).text["image_strength"]) == 0.5
 
 
+def test_quiet_on_a_pipeline_prints_nothing(tmp_path, tiny_schnell):
+    """-q also silences diffusers' and transformers' loading bars and warnings."""
+    result = fewstep("generate", "--model", str(tiny_schnell), "--prompt", "a fox", "--steps", "2", "--height", "32",
+                     "--width", "32", "-q", "--output", str(tmp_path / "fox.png"))
+    assert result.returncode == 0 and result.stderr == "" and result.stdout == ""
+
+
 def test_model_path_python_api_calls_the_transformer_once_per_step(tmp_path, tiny_schnell):
     import numpy as np
     import pipelines as tiny

@@ -436,6 +436,20 @@ class DiffusersModel:
         return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance, image))
 
 
+def quiet_libraries() -> None:
+    """--quiet with a diffusers pipeline: diffusers' and transformers' loading bars and warnings off too (their errors
+    still show)."""
+    import importlib
+
+    for name in ("diffusers", "transformers"):
+        try:
+            library = importlib.import_module(f"{name}.utils")
+        except ImportError:
+            continue
+        library.logging.set_verbosity_error()
+        library.logging.disable_progress_bar()
+
+
 def _check_pipeline_folder(folder: Path, model: str) -> None:
     """Every component model_index.json names must have its folder: transformers fills a missing tokenizer with an
     empty one and the prompt is silently ignored."""
@@ -732,6 +746,8 @@ def run(args: argparse.Namespace) -> int:
         # many-core machine); the fashion U-Net gains from a few.
         small = embedded_kind(args.model) == "digits"
         torch.set_num_threads(1 if small else max(1, min(4, os.cpu_count() or 1)))
+    if args.quiet and not embedded:
+        quiet_libraries()
     model = load(args.model, args.device)
     model.progress = not args.quiet
     config = checked(model.default_steps, model.default_guidance)

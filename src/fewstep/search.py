@@ -1622,6 +1622,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)  # small models: intra-op threads only add overhead on a shared machine
+    if args.quiet and getattr(args, "prompt_list", None) is not None:
+        from fewstep.generate import quiet_libraries
+
+        quiet_libraries()
     if args.family is not None:  # each member takes --samples, --validation, --batch, --guidance and --shape
         target: Target | list[Target] = [resolve_target(m, args.shape, args.guidance) for m in args.family]
         batch = args.batch
