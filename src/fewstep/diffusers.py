@@ -29,6 +29,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import diffusers
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
@@ -110,8 +111,6 @@ def _schedule_of(config: dict, cls: type) -> dict:
     if isinstance(source, str) and not ours and "timestep_spacing" not in config:
         # An older file of a class whose default spacing is not ours ("leading"): DPM-Solver's and Euler's is
         # "linspace"; DPMSolverSinglestep has no such key and spaces as DPM-Solver's "linspace".
-        import diffusers
-
         param = inspect.signature(getattr(diffusers, source, cls).__init__).parameters.get("timestep_spacing")
         config["timestep_spacing"] = param.default if param is not None else "linspace"
     if not ours and ("solver_order" in config or source == "DPMSolverSinglestepScheduler"):
@@ -317,12 +316,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 raise InvalidInput(f"{len(body)} sigmas given but num_inference_steps={num_inference_steps}")
             calls = len(body)
             n = self._intervals(calls)
-            if model_timesteps is not None:  # each given timestep goes with its sigma, shifted
-                nodes = flow_sigmas(sigmas=body.tolist(), **self._shifting(mu))[:-1]
+            grid = flow_sigmas(sigmas=body.tolist(), **self._shifting(mu))
+            nodes = grid[:-1]  # the shifted σ of each given sigma (and of each given timestep)
+            if model_timesteps is not None:
                 model_timesteps = model_timesteps[:len(body)]
             if n != calls:  # Heun: 2 calls per interval, so N calls need N/2 nodes of the same schedule
-                body = resample_grid(body, n - 1)
-            grid = flow_sigmas(sigmas=body.tolist(), **self._shifting(mu))
+                grid = flow_sigmas(sigmas=resample_grid(body, n - 1).tolist(), **self._shifting(mu))
         elif num_inference_steps is None:
             raise InvalidInput("set_timesteps needs num_inference_steps, sigmas or timesteps")
         elif self._epsilon and self._spacing:

@@ -13,6 +13,7 @@ s = σ_t/(α_t+σ_t), x̃ = x/(α_t+σ_t), where dx̃/ds = ε − x0; Euler ther
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,8 +59,7 @@ def _all_finite(v: Any) -> bool:
 
 
 def _real(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and bool(
-        np.isfinite(value))
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
 def resolve_solver(solver: str | Solver, options: dict, prediction: str = "flow") -> tuple[Solver, str]:
