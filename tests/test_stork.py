@@ -215,6 +215,27 @@ def test_paper_few_step_errors_are_pinned(ref):
             assert np.sqrt(np.mean((x - exact) ** 2)) == pytest.approx(want, rel=1e-3), (shift, n)
 
 
+@pytest.mark.parametrize("order,derivative_order", [(2, 2), (4, 2), (4, 3)])
+@pytest.mark.parametrize("grid", [np.append(np.linspace(1.0, 1 / 8, 8), 0.0), flow_sigmas(8, shift=3.0)],
+                         ids=["pipeline", "sigma_min_tail"])
+def test_the_step_before_the_final_jump_extrapolates_the_last_two_velocities(order, derivative_order, grid):
+    """docs/stork.md §Lower order before the final jump: that step reads v of its own node and the one before; every
+    earlier full step reads derivative_order + 1 of them; with jump="none" the same step keeps its full history."""
+    plan = get(f"stork-{order}", derivative_order=derivative_order).plan(grid)
+    n = len(grid) - 1
+    assert _is_jump(plan.rows[n - 1], n - 1, grid)
+    last = max(k for k in range(n) if not _is_jump(plan.rows[k], k, grid))
+    assert sorted(plan.rows[last].v) == [last - 1, last]
+    assert len(plan.rows[last - 1].v) == derivative_order + 1
+    paper = get(f"stork-{order}", derivative_order=derivative_order, jump="none").plan(grid)
+    assert len(paper.rows[last].v) == derivative_order + 1
+
+
+def _is_jump(row, k, grid) -> bool:
+    """A denoiser jump row: x_{k+1} = x_k − (σ_k − σ_{k+1})·v_k."""
+    return dict(row.x) == {k: 1.0} and dict(row.v) == pytest.approx({k: -(grid[k] - grid[k + 1])})
+
+
 def test_default_jumps_and_official_does_not():
     assert get("stork-2").jump == get("stork-4").jump == "all"
     assert get("stork-4", compat="official").jump == "none"
@@ -226,10 +247,9 @@ def test_default_jumps_and_official_does_not():
 
 def test_default_not_worse_than_euler_on_stiff_mixture():
     """Exact ground truth (DOP853 reference) on gmm-stiff, 1024 noises, 6 NFE on the default grid: the default
-    (jump="all") is ≤ 1.1× Euler's RMSE. Measured (stork-2 / stork-4 ÷ Euler): shift 1 0.804 / 0.787 (Euler 8.1e-3),
-    shift 3 0.354 / 0.345 (Euler 5.9e-2); the paper method (jump="none") is 83–93× and 46–50× Euler there. At shift 3
-    Euler's RMSE comes from 8 mode-switching samples (STORK: 1); the *median* per-sample error of the default is
-    2.2–2.4× Euler's there (0.66–0.70× at shift 1), so this is an RMSE statement."""
+    (jump="all") is ≤ 1.1× Euler's RMSE. Measured (stork-2 / stork-4 ÷ Euler): shift 1 0.99 / 1.00 (Euler 8.1e-3),
+    shift 3 0.43 / 0.43 (Euler 5.9e-2); the paper method (jump="none") is 83–93× and 46–50× Euler there. At shift 3
+    Euler's RMSE comes from a few mode-switching samples, so this is an RMSE statement."""
     g = preset("gmm-stiff")
     noise = torch.randn(1024, g.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = reference_solve(g.velocity, noise, check=False).x
@@ -242,13 +262,13 @@ def test_default_not_worse_than_euler_on_stiff_mixture():
 def test_default_few_step_errors_are_pinned(ref):
     """Regression values of the defaults (jump="all": denoiser jumps into σ_min and to 0 on the default grid) on the
     256 reference noises, at 4, 6, 8, 10 NFE. Against the paper method (test_paper_few_step_errors_are_pinned): shift
-    3 0.61–0.94× at 6–10 NFE, but shift 1 1.5–2.3× and 4 NFE 1.1–1.3× (the jump's O(h²) last step, on a smooth
-    problem)."""
+    3 0.63–0.89× at 6–10 NFE, but shift 1 1.5–2.8× and 4 NFE 1.1–1.3× (the jump's O(h²) last step and the linear step
+    before it, on a smooth problem)."""
     g, noise, exact = preset("gmm8d"), torch.from_numpy(ref["noise"]), ref["exact"]
-    pinned = {(2, 1.0): (1.8289e-1, 9.6323e-2, 5.2081e-2, 2.5874e-2),
-              (2, 3.0): (4.0954e-1, 2.1410e-1, 1.4969e-1, 1.1826e-1),
-              (4, 1.0): (1.8289e-1, 9.6133e-2, 5.1556e-2, 2.5559e-2),
-              (4, 3.0): (4.0954e-1, 2.1289e-1, 1.5012e-1, 1.1875e-1)}
+    pinned = {(2, 1.0): (1.8289e-1, 9.7148e-2, 5.7927e-2, 3.1675e-2),
+              (2, 3.0): (4.0954e-1, 2.2299e-1, 1.4984e-1, 1.1651e-1),
+              (4, 1.0): (1.8289e-1, 9.6543e-2, 5.7943e-2, 3.1853e-2),
+              (4, 3.0): (4.0954e-1, 2.2276e-1, 1.4964e-1, 1.1665e-1)}
     for (o, shift), values in pinned.items():
         for n, want in zip((4, 6, 8, 10), values, strict=True):
             x = fewstep.sample(g.velocity, noise, f"stork-{o}", steps=n, shift=shift).numpy()
