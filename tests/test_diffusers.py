@@ -480,6 +480,34 @@ def test_deep_copy_is_independent():
     assert torch.equal(run(twin, lambda x, t: torch.sin(x), x, rest), a)
 
 
+@pytest.mark.parametrize("solver", ["adams-denoise", "adams3", "heun", "stork-4"])
+@pytest.mark.parametrize("prediction", ["flow_prediction", "epsilon"])
+def test_reused_output_buffers_and_latents_overwritten_in_place_do_not_change_the_history(solver, prediction):
+    # A compiled / CUDA-graph model returns one output buffer every call; Kandinsky 5 writes the step result back into
+    # the latents it passed in. Multistep history must not alias either.
+    x0 = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
+
+    def velocity(x, t):
+        return 0.5 * x * (float(t) / 1000) + 0.1 * torch.sin(x)
+
+    def loop(static_output, in_place):
+        s = FewstepScheduler(solver=solver, prediction_type=prediction)
+        s.set_timesteps(STEPS)
+        x, buffer = x0.clone(), torch.empty_like(x0)
+        for t in s.timesteps:
+            out = buffer.copy_(velocity(x, t)) if static_output else velocity(x, t)
+            prev = s.step(out, t, x, return_dict=False)[0]
+            if in_place:
+                x.copy_(prev)
+            else:
+                x = prev
+        return x
+
+    fresh = loop(False, False)
+    assert torch.equal(loop(True, False), fresh)
+    assert torch.equal(loop(False, True), fresh)
+
+
 def test_return_dict_false_matches_the_output_dataclass():
     a, b = FewstepScheduler(solver="stork-2"), FewstepScheduler(solver="stork-2")
     for s in (a, b):
@@ -642,7 +670,7 @@ def test_epsilon_pixart_real_config_runs_every_solver_with_exact_constant_noise(
     (lambda: FewstepScheduler(prediction_type="epsilon", beta_schedule="cubic"), "beta_schedule must be"),
     (lambda: FewstepScheduler(invert_sigmas=True), "invert_sigmas"),
     (lambda: FewstepScheduler.from_config(DDIMScheduler(rescale_betas_zero_snr=True).config), "zero terminal SNR"),
-    (lambda: FewstepScheduler.from_config(DDIMScheduler(clip_sample=True).config), "clip_sample=True"),
+    (lambda: FewstepScheduler.from_config(DDIMScheduler().config, clip_sample=True), "clip_sample=True"),
     (lambda: FewstepScheduler.from_config(DDIMScheduler(thresholding=True).config), "thresholding=True"),
     (lambda: FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler(stochastic_sampling=True).config),
      "stochastic_sampling=True"),
@@ -889,6 +917,34 @@ def test_configs_of_models_these_solvers_cannot_sample_are_refused_by_name(confi
         FewstepScheduler.from_config(config)
 
 
+@pytest.mark.parametrize("name,message", [("DDIMInverseScheduler", "an inverse scheduler"),
+                                          ("DPMSolverMultistepInverseScheduler", "an inverse scheduler"),
+                                          ("ScoreSdeVeScheduler", "neither a VP"),
+                                          ("KarrasVeScheduler", "neither a VP"), ("IPNDMScheduler", "neither a VP"),
+                                          ("EDMEulerScheduler", "EDM")])
+def test_a_live_config_of_an_unsupported_scheduler_is_refused_before_it_is_ever_saved(name, message):
+    import diffusers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # KarrasVeScheduler is deprecated
+        live = getattr(diffusers, name)().config
+    assert "_class_name" not in live
+    with pytest.raises(InvalidInput, match=f"{name}: .*{message}"):
+        FewstepScheduler.from_config(live)
+
+
+def test_a_ddim_config_with_clip_sample_is_taken_with_a_warning_live_and_saved(tmp_path):
+    # DDIMScheduler() defaults to clip_sample=True and save_config writes it out explicitly: both must behave alike.
+    DDIMScheduler().save_config(tmp_path)
+    made = []
+    for config in (DDIMScheduler().config, DDIMScheduler.load_config(tmp_path)):
+        with pytest.warns(UserWarning, match="clip_sample=True .* is not applied"):
+            made.append(FewstepScheduler.from_config(config))
+    for s in made:
+        s.set_timesteps(4)
+    assert torch.equal(made[0].timesteps, made[1].timesteps) and made[0].config.prediction_type == "epsilon"
+
+
 def test_an_old_saved_stork_file_read_by_another_class_takes_that_class_default(tmp_path, monkeypatch):
     """Saved before fewstep_class existed: its _class_name says whose solver keys those are."""
     import diffusers.configuration_utils as config_utils
@@ -991,3 +1047,33 @@ def test_solver_file_of_another_grid_warns_once_per_scheduler():
     grid = [w for w in caught if issubclass(w.category, GridMismatchWarning)]
     assert [str(w.message).split("sampling asks for ")[1].split(":")[0] for w in grid] == ["shift 1", "shift 1.64872"]
     assert all("shift-3 grid" in str(w.message) and w.filename == __file__ for w in grid)
+
+
+def test_epsilon_mode_exposes_ddims_betas_and_alphas_cumprod():
+    ref = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    s = FewstepScheduler.from_config(ref.config)
+    for name in ("betas", "alphas", "alphas_cumprod"):
+        assert torch.equal(getattr(s, name), getattr(ref, name)), name
+    with pytest.raises(InvalidInput, match="trained_betas has 2 values.*num_train_timesteps=1000"):
+        FewstepScheduler(prediction_type="epsilon", trained_betas=[0.1, 0.3])
+
+
+def test_euler_sigma_bounds_of_its_karras_sigmas_are_refused_not_ignored():
+    from diffusers import EulerDiscreteScheduler
+
+    config = EulerDiscreteScheduler(use_karras_sigmas=True, sigma_min=0.5, sigma_max=5.0).config
+    with pytest.raises(InvalidInput, match="sigma_min / sigma_max"):
+        FewstepScheduler.from_config(config)
+    FewstepScheduler.from_config(config, sigma_min=None, sigma_max=None).set_timesteps(4)
+
+
+@pytest.mark.parametrize("cls", [FewstepScheduler, StorkScheduler])
+def test_configs_compare_equal_after_save_load_and_a_trip_through_a_compatible_class(cls, tmp_path):
+    # diffusers' own SchedulerCommonTest: test_from_pretrained and test_compatibles compare whole config dicts.
+    from diffusers import UniPCMultistepScheduler
+
+    s = cls()
+    s.save_pretrained(tmp_path)
+    assert cls.from_pretrained(tmp_path).config == {k: v for k, v in s.config.items() if k != "_use_default_values"}
+    back = cls.from_config(UniPCMultistepScheduler.from_config(s.config).config)
+    assert back.config["_use_default_values"] == s.config["_use_default_values"]

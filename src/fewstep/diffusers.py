@@ -33,7 +33,7 @@ import diffusers
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
@@ -74,8 +74,9 @@ UNSUPPORTED_CLASSES = {
                     "a scheduler whose model is neither a VP ε nor a flow-matching model"),
 }
 # Source-scheduler options that change what the sampler computes and that no fewstep solver does: refused in
-# from_config rather than kept as hidden config that silently does nothing. clip_sample is only refused when asked for:
-# DDIMScheduler() and DDPMScheduler() default to it, and latent-diffusion configs (SD, PixArt) switch it off.
+# from_config rather than kept as hidden config that silently does nothing. clip_sample is only refused when asked for
+# (a keyword of from_config): DDIMScheduler() and DDPMScheduler() default to it and write it into every saved file, so a
+# source config that has it is taken with a warning, the same before and after a save.
 UNSUPPORTED = {"rescale_betas_zero_snr": "zero terminal SNR", "thresholding": "dynamic thresholding of x0",
                "stochastic_sampling": "stochastic sampling (fewstep solvers are ODE solvers)",
                "use_lu_lambdas": "a grid uniform in log-SNR",
@@ -91,7 +92,7 @@ def _schedule_of(config: dict, cls: type) -> dict:
     """`config` with the source scheduler's own schedule made explicit in our keys, so that `from_config` keeps what
     the source did (module doc, "from_config"): flow or ε, and the shift under its name here."""
     config = dict(config)
-    source = config.get("_class_name")
+    source = config.get("_class_name") or _live_unsupported_class(config)
     # Ours: a live config has no _class_name but our fewstep_class; a file saved before that key, our _class_name.
     ours = "fewstep_class" in config or source in _our_classes()
     if source in UNSUPPORTED_CLASSES or "sigma_data" in config:
@@ -123,6 +124,17 @@ def _schedule_of(config: dict, cls: type) -> dict:
     # A default of the source class is still what that scheduler did, not a default of ours to replace.
     config["_use_default_values"] = [k for k in config.get("_use_default_values", []) if k not in SCHEDULE_KEYS]
     return config
+
+
+def _live_unsupported_class(config: dict) -> str | None:
+    """The unsupported class a live config (a `.config` never saved: no `_class_name`) comes from, recognised by its
+    keys being exactly that class's __init__ parameters (no two diffusers schedulers share a parameter set)."""
+    keys = {k for k in config if not k.startswith("_")}
+    for name in UNSUPPORTED_CLASSES:
+        cls = getattr(diffusers, name, None)
+        if cls is not None and keys == set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}:
+            return name
+    return None
 
 
 def _our_classes() -> set[str]:
@@ -197,12 +209,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if timestep_spacing_rule not in SPACING_RULES:
                 raise InvalidInput(f"timestep_spacing_rule must be {', '.join(SPACING_RULES)}, got "
                                    f"{timestep_spacing_rule!r}")
+            if trained_betas is not None and len(trained_betas) != num_train_timesteps:
+                raise InvalidInput(f"trained_betas has {len(trained_betas)} values; it must have one per training "
+                                   f"timestep (num_train_timesteps={num_train_timesteps})")
             # diffusers' own VP schedule: ᾱ and the timestep spacing of DDIMScheduler (or DPM-Solver) with the same
             # keys, so that a timestep means the same noise level to both.
             self._vp = SPACING_RULES[timestep_spacing_rule](
                 num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
                 beta_schedule=beta_schedule, trained_betas=trained_betas, timestep_spacing=timestep_spacing,
                 steps_offset=steps_offset)
+            # What every diffusers VP scheduler exposes (SAG, DiffEdit, LEdits++ and compute_snr read them).
+            self.betas, self.alphas, self.alphas_cumprod = self._vp.betas, self._vp.alphas, self._vp.alphas_cumprod
             # Flow time of every training timestep; increasing in t, so t ↔ s is a monotone interpolation.
             self._flow_time = flow_time(self._vp.alphas_cumprod.double().numpy())
         spacings = [name for name in SPACINGS if self.config[f"use_{name}_sigmas"]]
@@ -223,9 +240,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._grid_warned = False
         # Every schedule key explicit (so it survives a trip through another scheduler's config), and the shift under
         # the name UniPC / DPM-Solver read in flow mode.
-        defaults = self.config.get("_use_default_values", [])
-        self.register_to_config(_use_default_values=[k for k in defaults if k not in SCHEDULE_KEYS],
-                                flow_shift=shift, fewstep_class=type(self).__name__)
+        # The defaults list sorted (diffusers builds it from a set) and absent when empty (as diffusers leaves it after
+        # from_pretrained): configs are compared as dicts. register_to_config can add keys but not remove one.
+        config = {k: v for k, v in self.config.items() if k != "_use_default_values"}
+        defaults = sorted(k for k in self.config.get("_use_default_values", []) if k not in SCHEDULE_KEYS)
+        self._internal_dict = FrozenDict({**config, **({"_use_default_values": defaults} if defaults else {}),
+                                          "flow_shift": shift, "fewstep_class": type(self).__name__})
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
@@ -238,10 +258,21 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if not isinstance(config, dict):  # a path, as diffusers' own schedulers still accept
             config, kwargs = cls.load_config(config, return_unused_kwargs=True, **kwargs)
         # `set_alpha_to_one` needs no key: sampling always ends at σ = 0.
-        merged, defaults = {**config, **kwargs}, set(config.get("_use_default_values", []))
+        merged = {**config, **kwargs}
         for key, what in UNSUPPORTED.items():
-            if merged.get(key) and not (key == "clip_sample" and key in defaults and key not in kwargs):
-                raise InvalidInput(f"{key}=True ({what}) is not supported; pass {key}=False")
+            if not merged.get(key):
+                continue
+            if key == "clip_sample" and key not in kwargs:
+                warnings.warn(f"the source scheduler's clip_sample=True ({what}) is not applied: fewstep's solvers "
+                              "integrate the ODE without clipping (latent-diffusion configs switch it off)",
+                              stacklevel=2)
+                continue
+            raise InvalidInput(f"{key}=True ({what}) is not supported; pass {key}=False")
+        if any(merged.get(f"use_{name}_sigmas") for name in SPACINGS) and (
+                merged.get("sigma_min") is not None or merged.get("sigma_max") is not None):
+            raise InvalidInput("sigma_min / sigma_max (EulerDiscreteScheduler's bounds of its Karras, exponential or "
+                               "beta sigmas) are not supported: the sigmas span the training schedule; pass "
+                               "sigma_min=None, sigma_max=None")
         if str(merged.get("algorithm_type", "")).startswith("sde-"):
             raise InvalidInput(f"algorithm_type={merged['algorithm_type']!r} (stochastic sampling) is not supported; "
                                "fewstep solvers are ODE solvers")
@@ -359,7 +390,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         else:
             t = self._timestep_of(plan.sigmas) if self._epsilon else plan.sigmas * cfg.num_train_timesteps
         self.timesteps = torch.from_numpy(t).to(torch.float32).to(device)
-        # σ of every call plus the end (flow time s for epsilon), on the CPU as FlowMatchEuler keeps it: no syncs.
+        # σ of every call plus the end (flow time s for epsilon), kept on the CPU: the solver reads them as numbers.
         self.sigmas = torch.from_numpy(np.r_[plan.sigmas, plan.sigma_end]).to(torch.float32)
         self.num_inference_steps = plan.calls
         self._step_index = None
@@ -485,7 +516,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
              per_token_timesteps: torch.Tensor | None = None) -> FewstepSchedulerOutput | tuple[torch.Tensor]:
         """One model call. Integrates from `sample` (a callback may have replaced it) in float32 (float64 for float64
         tensors) and returns `model_output`'s dtype. bf16/fp16 inputs are kept as they are (upcasting them is exact)
-        and read into float32 by the combination itself (`fewstep.solvers.plan.combine`), so no copies are made.
+        and read into float32 by the combination itself (`fewstep.solvers.plan.combine`), not upcast first. What later
+        steps read is copied (`PlanRun.advance`): the pipeline may reuse the output buffer or overwrite `sample`.
 
         Repeated timesteps without a begin index (Heun's stage at σ_k and node k share a value; WanVideoToVideo and
         older img2img pipelines slice `timesteps[t_start:]` and call no set_begin_index): the first step takes the

@@ -156,6 +156,15 @@ def _combine_operators(terms: list[tuple[float, Any]], dtype: Any = None) -> Any
     return out if dtype is None else out.astype(dtype)
 
 
+def _private_copy(value: Any) -> Any:
+    """A copy of a torch tensor or NumPy array; other array types (MLX) are immutable and kept as they are."""
+    if hasattr(value, "clone"):
+        return value.clone()
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    return value
+
+
 class PlanRun:
     """Executes a plan one model call at a time (the shape of a diffusers `step()`): keep only what later rows read.
 
@@ -178,10 +187,16 @@ class PlanRun:
 
     def advance(self, i: int, x_i: Any, v_i: Any, dtype: Any = None) -> Any:
         """Given the state x_i at which call i was made and its output v_i, return x_{i+1}; torch tensors are combined
-        in float32 or wider and returned in `dtype` (default: that compute dtype), see `combine`."""
+        in float32 or wider and returned in `dtype` (default: that compute dtype), see `combine`.
+
+        What later rows read is kept as a private copy: callers reuse buffers (a compiled or CUDA-graph model returns
+        the same output tensor every call; Kandinsky 5 writes the step result back into the latents it passed in)."""
         self._x[i] = x_i
         self._v[i] = v_i
         out = combine([(c, store[j]) for c, store, j in self._terms[i]], dtype)
         for store, j in self._free[i]:
             del store[j]
+        for store in (self._x, self._v):
+            if i in store:
+                store[i] = _private_copy(store[i])
         return out
