@@ -130,7 +130,7 @@ def test_bad_input_images_are_refused_by_name(capsys, tmp_path, inputs, name, fr
     (["--image", "{good}", "0.5", "--strength", "0.5"], ["give the strength once"]),
     (["--strength", "0.5"], ["--strength needs --image"]),
     (["--image-strength", "0.5"], ["--image-strength needs --image-path"]),
-    (["--image", "{good}", "1.5"], ["--strength must be a number in (0, 1]"]),
+    (["--image", "{good}", "1.5"], ["--image STRENGTH must be a number in (0, 1]"]),
     (["--image", "{good}", "nan"], ["(0, 1]", "nan"]),
     (["--image", "{good}", "much"], ["--image STRENGTH must be a number"]),
     (["--image-path", "{good}", "--image-strength", "1"], ["--image-strength 1 with 8 steps leaves no step"]),
@@ -474,3 +474,41 @@ def test_closed_stdout_is_a_quiet_exit():
     piped = subprocess.run(f"'{sys.executable}' -m fewstep solvers | head -1", shell=True, capture_output=True,
                            text=True, env=ENV, timeout=120)
     assert piped.stdout.startswith("solver") and piped.stdout.count("\n") == 1 and piped.stderr == ""
+
+
+def test_bench_help_names_every_problem_it_accepts(capsys):
+    from fewstep.bench.problems import PROBLEMS
+
+    code, out, _ = fewstep(capsys, "bench", "--help")
+    text = " ".join(out.split())
+    assert code == 0
+    assert all(name in text for name in PROBLEMS), [n for n in PROBLEMS if n not in text]
+
+
+def test_search_refuses_flags_its_model_cannot_use_and_finds_module_velocities_in_the_current_folder(
+        capsys, tmp_path, monkeypatch):
+    for args, fragment in ((("--model", "digits", "--shape", "4"), "--shape applies to a module:function"),
+                           (("--problem", "gmm8d", "--height", "64"), "--height applies to a diffusers pipeline")):
+        code, _, err = fewstep(capsys, "search", *args, "--out", tmp_path / "a.json")
+        assert_one_line_error(code, err, fragment)
+    (tmp_path / "here_flows.py").write_text("def velocity(x, sigma):\n    return x\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    code, _, err = fewstep(capsys, "search", "--model", "here_flows:velocity", "--shape", "2", "--steps", "4",
+                           "--iterations", "2", "--samples", "16", "--validation", "8", "--out", "v.json", "-q")
+    assert code == 0, err
+    assert [f for f in files_in(tmp_path) if f != "__pycache__"] == ["here_flows.py", "v.json"]
+
+
+def test_search_loads_pipelines_as_generate_does_never_from_the_network(capsys, tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    (tmp_path / "notpipe").mkdir()
+    (tmp_path / "notpipe" / "model_index.json").write_text("{}")
+    for model, fragments in (("nobody-here/no-such-model", ["not available locally", "hf download"]),
+                             ("schnell", ["black-forest-labs/FLUX.1-schnell", "not available locally"]),
+                             (tmp_path / "notpipe", ["cannot load this pipeline folder"]),
+                             (tmp_path / "missing", ["no such directory"])):
+        code, _, err = fewstep(capsys, "search", "--model", model, "--prompts", tmp_path / "p.txt", "--steps", "6",
+                               "--out", tmp_path / "a.json")
+        assert_one_line_error(code, err, *fragments)
+    assert files_in(tmp_path) == ["notpipe", "p.txt"]

@@ -175,13 +175,14 @@ def resolve_scheduler(scheduler: str, kwargs: dict) -> tuple[str, dict]:
     if order is not None:
         member = FAMILIES[family].format(order)
         if name not in (family, member):
-            raise InvalidInput(f"scheduler {scheduler!r} contradicts scheduler_kwargs order={order!r}")
+            raise InvalidInput(f"--scheduler {scheduler!r} contradicts --scheduler-kwargs (scheduler_kwargs) "
+                               f"order={order!r}")
         name = member
     elif name in FAMILY_DEFAULTS:
         name = FAMILIES[name].format(FAMILY_DEFAULTS[name])
     if name not in solvers.names():
-        raise InvalidInput(f"scheduler_kwargs order={order!r} names no {family} solver; available: "
-                           f"{', '.join(n for n in solvers.names() if n.startswith(str(family)))}")
+        raise InvalidInput(f"--scheduler-kwargs (scheduler_kwargs) order={order!r} names no {family} solver; "
+                           f"available: {', '.join(n for n in solvers.names() if n.startswith(str(family)))}")
     accepted = solvers.info(name).options()
     for key in options:
         if key not in accepted:
@@ -363,25 +364,11 @@ class DiffusersModel:
     def from_pretrained(cls, model: str, alias: Alias | None = None, device: str | None = None) -> DiffusersModel:
         """Load from a local path, or a hub id / alias already in the local Hugging Face cache (never downloads).
         `device`: cpu, cuda or mps (default: the best available; bfloat16 on an accelerator, float32 on the CPU)."""
-        import torch
-        from diffusers import DiffusionPipeline
-
-        source = alias.repo if alias else model
-        device, dtype = _device_and_dtype(torch, device)
-        if Path(source).is_dir():
-            _check_pipeline_folder(Path(source), model)
-        try:
-            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=True)
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
-            if Path(source).exists():  # there, but not loadable: say why, not that it is missing
-                raise InputFileError(f"--model {model}: cannot load this pipeline folder ({type(err).__name__}: "
-                                     f"{' '.join(str(err).split())})") from None
-            raise ModelNotFoundError(f"model {model!r} ({source}) is not available locally; download it first: `hf "
-                                     f"download {source}` (accept its licence on the Hub if gated), or pass --model "
-                                     "PATH to a local copy") from None
-        pipe.to(device)
+        pipe = load_pipeline(model, device)
+        alias = alias or ALIASES.get(model)
         steps, guidance = (alias.steps, alias.guidance) if alias else _defaults_for(pipe)
         return cls(pipe, model, steps, guidance)
+
 
     def generate_image(self, seed: int, prompt: str, config: Config | None = None) -> GeneratedImage:
         import numpy as np
@@ -494,6 +481,34 @@ def pick_device(device: str | None = None) -> str:
     if not _available(torch, device):
         raise InvalidInput(f"--device {device}: this torch build or machine has no {device} device")
     return device
+
+
+def load_pipeline(model: str, device: str | None = None, dtype: Any = None) -> Any:
+    """The diffusers pipeline `model` names (an alias, a local folder, or a hub id already in the local Hugging Face
+    cache; never downloads) on `device` (default: the best available) in `dtype` (default: bfloat16 on an
+    accelerator, float32 on the CPU). Every failure is one line naming --model."""
+    import torch
+
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        raise InvalidInput(f"--model {model}: a diffusers pipeline needs diffusers (pip install diffusers)") from None
+    check_model_name(model)
+    alias = ALIASES.get(model)
+    source = alias.repo if alias else model
+    device, default_dtype = _device_and_dtype(torch, device)
+    if Path(source).is_dir():
+        _check_pipeline_folder(Path(source), model)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype or default_dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+        if Path(source).exists():  # there, but not loadable: say why, not that it is missing
+            raise InputFileError(f"--model {model}: cannot load this pipeline folder ({type(err).__name__}: "
+                                 f"{' '.join(str(err).split())})") from None
+        raise ModelNotFoundError(f"model {model!r} ({source}) is not available locally; download it first: `hf "
+                                 f"download {source}` (accept its licence on the Hub if gated), or pass --model "
+                                 "PATH to a local copy") from None
+    return pipe.to(device)
 
 
 def _device_and_dtype(torch, device: str | None = None) -> tuple[str, Any]:
@@ -622,7 +637,8 @@ def mflux_strength(strength: float, steps: int) -> float:
     remaining = steps - skipped
     if remaining < 1:
         raise InvalidInput(f"--image-strength {strength:g} with {steps} steps leaves no step to run (mflux starts at "
-                           f"step max(1, int(steps·strength)) = {skipped}); lower it or raise --steps")
+                           f"step max(1, int(steps·strength)) = {skipped}); it must be below 1"
+                           + (" and --steps at least 2" if steps < 2 else ""))
     d = remaining / steps
     while begin_index_for_strength(steps, d) < skipped:
         d = math.nextafter(d, 0.0)
@@ -659,7 +675,8 @@ def _image_arguments(args: argparse.Namespace) -> tuple[str | None, float | None
         except ValueError:
             raise InvalidInput(f"--image STRENGTH must be a number in (0, 1], got {args.image[1]!r}") from None
     if strength is not None and not 0 < strength <= 1:  # also refuses nan
-        raise InvalidInput(f"--strength must be a number in (0, 1] (diffusers' meaning), got {strength}")
+        flag = "--image STRENGTH" if len(args.image) == 2 else "--strength"
+        raise InvalidInput(f"{flag} must be a number in (0, 1] (diffusers' meaning), got {strength}")
     return args.image[0], strength, None
 
 

@@ -48,6 +48,7 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -296,22 +297,13 @@ def _folder_fingerprint(path: str) -> str | None:
 
 def load_pipeline_target(model: str, prompts: Sequence[str], guidance: float | None = None,
                          height: int | None = None, width: int | None = None) -> Target:
-    """`model`: a local pipeline folder or a hub id (float32 on the CPU, the accelerator if there is one)."""
+    """`model`: an alias (schnell, dev, qwen, sd3), a local pipeline folder or a hub id in the local Hugging Face cache
+    (`fewstep.generate.load_pipeline`: never downloads), in float32 on the best available device."""
     import torch
 
-    from fewstep.errors import InvalidInput
+    from fewstep.generate import load_pipeline
 
-    try:
-        from diffusers import DiffusionPipeline
-    except ImportError:
-        raise InvalidInput("searching a diffusers pipeline needs diffusers (pip install diffusers)") from None
-    try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        why = " ".join(str(err).split())[:300]
-        raise InvalidInput(f"--model {model}: cannot load a diffusers pipeline ({why})") from None
-    if torch.cuda.is_available():
-        pipe = pipe.to("cuda")
+    pipe = load_pipeline(model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipeline_target(pipe, prompts, guidance, height, width, name=model)
 
@@ -1535,6 +1527,15 @@ def check_arguments(args: argparse.Namespace) -> None:
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and not 1 <= value <= 2**16:
             raise InvalidInput(f"{flag} must be a positive number of pixels, got {value}")
+        if value is not None and args.prompts is None:
+            raise InvalidInput(f"{flag} applies to a diffusers pipeline (searched with --prompts)")
+    members = (args.model or args.problem or "").split(",")
+    velocities = any(":" in m and not os.path.exists(m) for m in members)
+    if args.shape is not None and not velocities:
+        raise InvalidInput("--shape applies to a module:function velocity; mixtures, embedded models and pipelines "
+                           "know their own shape")
+    if velocities and os.getcwd() not in sys.path:  # module:function from the current folder, as with python -m
+        sys.path.insert(0, os.getcwd())
     if args.prompts is not None:
         args.prompt_list = read_prompts(args.prompts)
     if not args.out or args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):

@@ -45,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "orders on shifted grids; overhead: per-step cost of the diffusers adapter; transfer: "
                              "solvers searched on one problem and grid scored on the others (see --sources)")
     parser.add_argument("--problem", default=None,
-                        help="comma-separated problems, or 'all' (gmm8d, gmm-stiff, digits, digits-cfg3); "
-                             "default: gmm8d (table), all (headline, transfer: the targets)")
+                        help="comma-separated problems: gmm2d, gmm8d, gmm-stiff, digits, digits-cfg3, fashion, "
+                             "fashion-cfg3; or 'all' (all but gmm2d); default: gmm8d (table), all (headline, "
+                             "transfer: the targets)")
     parser.add_argument("--grid", default=None,
                         help="comma-separated σ grids: shift<X> (e.g. shift1, shift3) or flux1024 (Flux's dynamic μ "
                              "for a 1024² image), or 'all'; default: shift1 (table), all (headline), "

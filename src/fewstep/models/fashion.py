@@ -232,7 +232,8 @@ def parse_prompt(text: str) -> int:
                else "names several classes: " + ", ".join(CLASSES[k] for k in sorted(found)))
         raise InvalidInput(f"the embedded fashion model cannot draw {text!r}: it {why}; it draws one of the 10 "
                            f"Fashion-MNIST classes: {', '.join(CLASSES)} (synonyms such as 'tee', 'pants', 'jeans', "
-                           "'sweater', 'jacket', 'handbag', 'shoe', 'boot' work too)")
+                           "'sweater', 'jacket', 'handbag', 'shoe', 'boot' work too)"
+                           + ("; digits are drawn by --model digits" if not found else ""))
     return found.pop()
 
 
