@@ -943,6 +943,10 @@ def test_a_ddim_config_with_clip_sample_is_taken_with_a_warning_live_and_saved(t
     for s in made:
         s.set_timesteps(4)
     assert torch.equal(made[0].timesteps, made[1].timesteps) and made[0].config.prediction_type == "epsilon"
+    made[1].save_pretrained(tmp_path / "ours")  # ours, saved: reloading it does not warn again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FewstepScheduler.from_pretrained(tmp_path / "ours")
 
 
 def test_an_old_saved_stork_file_read_by_another_class_takes_that_class_default(tmp_path, monkeypatch):
@@ -1058,13 +1062,19 @@ def test_epsilon_mode_exposes_ddims_betas_and_alphas_cumprod():
         FewstepScheduler(prediction_type="epsilon", trained_betas=[0.1, 0.3])
 
 
-def test_euler_sigma_bounds_of_its_karras_sigmas_are_refused_not_ignored():
+def test_euler_sigma_bounds_of_its_karras_sigmas_are_refused_not_ignored(tmp_path):
     from diffusers import EulerDiscreteScheduler
 
     config = EulerDiscreteScheduler(use_karras_sigmas=True, sigma_min=0.5, sigma_max=5.0).config
     with pytest.raises(InvalidInput, match="sigma_min / sigma_max"):
         FewstepScheduler.from_config(config)
-    FewstepScheduler.from_config(config, sigma_min=None, sigma_max=None).set_timesteps(4)
+    s = FewstepScheduler.from_config(config, sigma_min=None, sigma_max=None)
+    s.save_pretrained(tmp_path)  # the override is what was saved: the file loads again
+    again = FewstepScheduler.from_pretrained(tmp_path)
+    assert again.config.sigma_min is None and again.config.sigma_max is None
+    s.set_timesteps(4)
+    again.set_timesteps(4)
+    assert torch.equal(s.timesteps, again.timesteps)
 
 
 @pytest.mark.parametrize("cls", [FewstepScheduler, StorkScheduler])

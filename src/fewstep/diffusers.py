@@ -83,6 +83,10 @@ UNSUPPORTED = {"rescale_betas_zero_snr": "zero terminal SNR", "thresholding": "d
                "clip_sample": "clipping x0 to clip_sample_range"}
 
 
+# EulerDiscreteScheduler's bounds of its Karras / exponential / beta sigmas: refused (our sigmas span the schedule).
+SIGMA_BOUNDS = ("sigma_min", "sigma_max")
+
+
 @dataclass
 class FewstepSchedulerOutput(BaseOutput):
     prev_sample: torch.Tensor
@@ -92,9 +96,11 @@ def _schedule_of(config: dict, cls: type) -> dict:
     """`config` with the source scheduler's own schedule made explicit in our keys, so that `from_config` keeps what
     the source did (module doc, "from_config"): flow or ε, and the shift under its name here."""
     config = dict(config)
-    source = config.get("_class_name") or _live_unsupported_class(config)
+    source = config.get("_class_name")
     # Ours: a live config has no _class_name but our fewstep_class; a file saved before that key, our _class_name.
-    ours = "fewstep_class" in config or source in _our_classes()
+    ours = _is_ours(config)
+    if source is None and not ours:
+        source = _live_unsupported_class(config)
     if source in UNSUPPORTED_CLASSES or "sigma_data" in config:
         what = UNSUPPORTED_CLASSES.get(source, UNSUPPORTED_CLASSES["EDMEulerScheduler"])
         raise InvalidInput(f"{source or 'a config with sigma_data'}: {what} is not supported")
@@ -126,9 +132,15 @@ def _schedule_of(config: dict, cls: type) -> dict:
     return config
 
 
+def _is_ours(config: dict) -> bool:
+    """A config of one of fewstep's schedulers: live (our fewstep_class key) or saved (our _class_name)."""
+    return "fewstep_class" in config or config.get("_class_name") in _our_classes()
+
+
 def _live_unsupported_class(config: dict) -> str | None:
     """The unsupported class a live config (a `.config` never saved: no `_class_name`) comes from, recognised by its
-    keys being exactly that class's __init__ parameters (no two diffusers schedulers share a parameter set)."""
+    keys being exactly that class's __init__ parameters (no two diffusers schedulers share a parameter set; checked
+    against diffusers 0.42.1)."""
     keys = {k for k in config if not k.startswith("_")}
     for name in UNSUPPORTED_CLASSES:
         cls = getattr(diffusers, name, None)
@@ -218,7 +230,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
                 beta_schedule=beta_schedule, trained_betas=trained_betas, timestep_spacing=timestep_spacing,
                 steps_offset=steps_offset)
-            # What every diffusers VP scheduler exposes (SAG, DiffEdit, LEdits++ and compute_snr read them).
+            # What every diffusers VP scheduler exposes (training utilities such as compute_snr read them).
             self.betas, self.alphas, self.alphas_cumprod = self._vp.betas, self._vp.alphas, self._vp.alphas_cumprod
             # Flow time of every training timestep; increasing in t, so t ↔ s is a monotone interpolation.
             self._flow_time = flow_time(self._vp.alphas_cumprod.double().numpy())
@@ -263,19 +275,23 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if not merged.get(key):
                 continue
             if key == "clip_sample" and key not in kwargs:
-                warnings.warn(f"the source scheduler's clip_sample=True ({what}) is not applied: fewstep's solvers "
-                              "integrate the ODE without clipping (latent-diffusion configs switch it off)",
-                              stacklevel=2)
+                if not _is_ours(config):  # said once, when the source scheduler's config came in
+                    warnings.warn(f"the source scheduler's clip_sample=True ({what}) is not applied: fewstep's "
+                                  "solvers integrate the ODE without clipping (latent-diffusion configs switch it off)",
+                                  stacklevel=2)
                 continue
             raise InvalidInput(f"{key}=True ({what}) is not supported; pass {key}=False")
-        if any(merged.get(f"use_{name}_sigmas") for name in SPACINGS) and (
-                merged.get("sigma_min") is not None or merged.get("sigma_max") is not None):
+        if any(merged.get(f"use_{name}_sigmas") for name in SPACINGS) and any(
+                merged.get(key) is not None for key in SIGMA_BOUNDS):
             raise InvalidInput("sigma_min / sigma_max (EulerDiscreteScheduler's bounds of its Karras, exponential or "
                                "beta sigmas) are not supported: the sigmas span the training schedule; pass "
                                "sigma_min=None, sigma_max=None")
         if str(merged.get("algorithm_type", "")).startswith("sde-"):
             raise InvalidInput(f"algorithm_type={merged['algorithm_type']!r} (stochastic sampling) is not supported; "
                                "fewstep solvers are ODE solvers")
+        # A keyword that overrides a refused key of the source is written into the config it keeps (it is not one of
+        # our __init__ keys, so diffusers would leave the source's value hidden there, refused again after a save).
+        config = {**config, **{key: kwargs.pop(key) for key in (*UNSUPPORTED, *SIGMA_BOUNDS) if key in kwargs}}
         if "flow_shift" in kwargs and "shift" not in kwargs:  # UniPC's / DPM-Solver's name for the shift
             kwargs["shift"] = kwargs.pop("flow_shift")
         if "solver" in kwargs and kwargs["solver"] != config.get("solver") and "solver_options" not in kwargs:

@@ -364,11 +364,10 @@ class DiffusersModel:
     def from_pretrained(cls, model: str, alias: Alias | None = None, device: str | None = None) -> DiffusersModel:
         """Load from a local path, or a hub id / alias already in the local Hugging Face cache (never downloads).
         `device`: cpu, cuda or mps (default: the best available; bfloat16 on an accelerator, float32 on the CPU)."""
-        pipe = load_pipeline(model, device)
         alias = alias or ALIASES.get(model)
+        pipe = load_pipeline(model, device, alias=alias)
         steps, guidance = (alias.steps, alias.guidance) if alias else _defaults_for(pipe)
         return cls(pipe, model, steps, guidance)
-
 
     def generate_image(self, seed: int, prompt: str, config: Config | None = None) -> GeneratedImage:
         import numpy as np
@@ -483,18 +482,20 @@ def pick_device(device: str | None = None) -> str:
     return device
 
 
-def load_pipeline(model: str, device: str | None = None, dtype: Any = None) -> Any:
+def load_pipeline(model: str, device: str | None = None, dtype: Any = None, alias: Alias | None = None) -> Any:
     """The diffusers pipeline `model` names (an alias, a local folder, or a hub id already in the local Hugging Face
-    cache; never downloads) on `device` (default: the best available) in `dtype` (default: bfloat16 on an
-    accelerator, float32 on the CPU). Every failure is one line naming --model."""
+    cache; never downloads; `alias` loads its repo instead) on `device` (default: the best available) in `dtype`
+    (default: bfloat16 on an accelerator, float32 on the CPU). A failure is one InvalidInput line naming --model."""
     import torch
 
     try:
         from diffusers import DiffusionPipeline
     except ImportError:
         raise InvalidInput(f"--model {model}: a diffusers pipeline needs diffusers (pip install diffusers)") from None
+    if model in EMBEDDED_NAMES:
+        raise InvalidInput(f"--model {model} is an embedded model, not a diffusers pipeline")
     check_model_name(model)
-    alias = ALIASES.get(model)
+    alias = alias or ALIASES.get(model)
     source = alias.repo if alias else model
     device, default_dtype = _device_and_dtype(torch, device)
     if Path(source).is_dir():

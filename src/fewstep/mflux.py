@@ -143,8 +143,10 @@ class FewstepScheduler(BaseScheduler):
                                  f"{float(self._sigmas[t]):.6g}) is NaN or Inf")
         if self._run is None or t != self._next:
             self._start_at(t)
-        x = latents if latents.dtype == mx.float32 else latents.astype(mx.float32)
-        v = noise if noise.dtype == mx.float32 else noise.astype(mx.float32)
+        # Copies (astype copies too): MLX arrays can be written in place, and mflux's in-context variants write
+        # into the latents after each step; the solver's history must not change with them.
+        x = mx.array(latents) if latents.dtype == mx.float32 else latents.astype(mx.float32)
+        v = mx.array(noise) if noise.dtype == mx.float32 else noise.astype(mx.float32)
         out = self._run.advance(t - self._offset, x, v)
         self._next = t + 1
         return out if latents.dtype == mx.float32 else out.astype(latents.dtype)

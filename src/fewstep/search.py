@@ -158,11 +158,19 @@ def embedded_target(name: str, guidance: float | None = None) -> Target:
                   default_samples=256, default_validation=128, default_batch=64, default_teacher="exact:1e-7")
 
 
+def is_velocity_spec(model: str) -> bool:
+    """`module:function` (a Python velocity), not a path that happens to contain a colon."""
+    return ":" in model and not os.path.exists(model)
+
+
 def callable_target(spec: str, shape: Sequence[int] | None) -> Target:
-    """`module:function`, a Python velocity `f(x, sigma)`; the noise shape from `shape` or `f.noise_shape`."""
+    """`module:function`, a Python velocity `f(x, sigma)`; the noise shape from `shape` or `f.noise_shape`. The
+    module is looked up in the current folder too, as `python -m fewstep` does (the console script's path lacks it)."""
     from fewstep.errors import InvalidInput
 
     module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
@@ -325,7 +333,7 @@ def resolve_target(model: str, shape: Sequence[int] | None = None, guidance: flo
         return embedded_target(model, guidance)
     if prompts is not None:
         return load_pipeline_target(model, prompts, guidance, height, width)
-    if ":" in model and not os.path.exists(model):
+    if is_velocity_spec(model):
         if guidance not in (None, 1.0):
             raise InvalidInput("--guidance: a module:function velocity applies its own guidance")
         return callable_target(model, shape)
@@ -1529,13 +1537,9 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise InvalidInput(f"{flag} must be a positive number of pixels, got {value}")
         if value is not None and args.prompts is None:
             raise InvalidInput(f"{flag} applies to a diffusers pipeline (searched with --prompts)")
-    members = (args.model or args.problem or "").split(",")
-    velocities = any(":" in m and not os.path.exists(m) for m in members)
-    if args.shape is not None and not velocities:
+    if args.shape is not None and not any(is_velocity_spec(m) for m in args.family or [args.model]):
         raise InvalidInput("--shape applies to a module:function velocity; mixtures, embedded models and pipelines "
                            "know their own shape")
-    if velocities and os.getcwd() not in sys.path:  # module:function from the current folder, as with python -m
-        sys.path.insert(0, os.getcwd())
     if args.prompts is not None:
         args.prompt_list = read_prompts(args.prompts)
     if not args.out or args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):

@@ -157,7 +157,8 @@ def _combine_operators(terms: list[tuple[float, Any]], dtype: Any = None) -> Any
 
 
 def _private_copy(value: Any) -> Any:
-    """A copy of a torch tensor or NumPy array; other array types (MLX) are immutable and kept as they are."""
+    """A copy of a torch tensor or NumPy array; other array types are kept as they are, so their callers pass copies
+    (`fewstep.mflux` does, for MLX)."""
     if hasattr(value, "clone"):
         return value.clone()
     if isinstance(value, np.ndarray):

@@ -37,8 +37,8 @@ Extrapolating v across a long step into the stiff 1/σ region is what made the p
 RMSE on the stiff mixture at 6 NFE; with "all" it is 0.99–1.00× Euler's RMSE at shift 1 and 0.43× at shift 3 (gmm-stiff,
 1024 noises). The price: an Euler step to σ = 0 has a local error O(h²), so with "all" the asymptotic order is 2 for
 both cores, and on smooth problems at shift 1 the paper method is better (gmm8d, 6–10 NFE: 0.35–0.68× the default's
-RMSE; at shift 3 the default is 0.63–0.89× the paper's). With a final jump, the step before it extrapolates linearly
-(lower order before the final jump, docs/stork.md). "interior" keeps the nominal order (3, or 4 with
+RMSE; at shift 3 the default is 0.63–0.93× the paper's). With a final jump, the last extrapolated step extrapolates
+linearly (lower order before the final jump, docs/stork.md). "interior" keeps the nominal order (3, or 4 with
 derivative_order=3) on refined grids.
 """
 
@@ -184,10 +184,11 @@ class Stork:
         # Steps that share (history length, drift form, re-anchor) are run through the core together: the drift and
         # the stages act on each step's own local basis (x_j, v_j for j in its history), one numpy row per step.
         groups: dict[tuple[int, str, bool], list[tuple[int, tuple[int, ...]]]] = {}
-        # Lower order before the final jump: when the last step is a denoiser jump (order 2 at best), the last step
-        # before it extrapolates linearly, as DPM-Solver++ and UniPC lower their order on the second-to-last step
-        # (lower_order_final). A quadratic history reaching back over the few long steps of a shifted grid is what
-        # lost to Euler with guidance (docs/stork.md §Lower order before the final jump).
+        # Lower order before the final jump: when the last step is a denoiser jump (order 2 at best), the last
+        # extrapolated step extrapolates linearly, from its two newest nodes (v, or ε̂ in the noise form), as
+        # DPM-Solver++ and UniPC lower their order towards the end (lower_order_final). A quadratic history reaching
+        # back over the few long steps of a shifted grid is what lost to Euler with guidance (docs/stork.md §Lower
+        # order before the final jump).
         last_extrapolated = max((k for k in range(2, n) if not jumps[k]), default=None) if jumps[-1] else None
         for k in range(2, n):
             history = (history + [k])[-(self.derivative_order + 1):]
@@ -198,8 +199,9 @@ class Stork:
             # Re-anchor once the cubic history (g₀, g₂, g₃, g₄) exists: x₄ ← x₀ − ∫ interpolant over [g₄, g₀].
             # v₁ (O(h²) state error) gets no weight, so the start-up's O(h³) local errors drop to O(h⁴) and
             # the global order reaches 4 instead of being capped at 3 (docs/stork.md §Startup).
-            anchor = self.derivative_order == 3 and k == 4
-            nodes = history[-2:] if k == last_extrapolated and not anchor else history
+            lowered = k == last_extrapolated
+            anchor = self.derivative_order == 3 and k == 4 and not lowered
+            nodes = history[-2:] if lowered else history
             groups.setdefault((len(nodes), form, anchor), []).append((k, tuple(nodes)))
         for (q, form, anchor), steps in groups.items():
             ks = np.array([k for k, _ in steps])
