@@ -322,3 +322,24 @@ def test_numpy_numbers_are_accepted_where_python_numbers_are():
         num_inference_steps=np.int64(4), guidance=np.float32(2.0)))
     assert numpy.image.tobytes() == plain.image.tobytes()
     assert json.dumps(numpy.metadata)  # plain ints and floats in the metadata
+
+
+@pytest.mark.parametrize("guidance,corrector", [(1.0, True), (2.0, True), (3.0, False), (5.0, False)])
+def test_strong_guidance_turns_adams_denoise_corrector_off_unless_it_was_chosen(guidance, corrector):
+    import numpy as np
+
+    from fewstep.generate import Config, EmbeddedModel
+
+    model = EmbeddedModel(kind="digits")
+    model.progress = False
+
+    def pixels(**kwargs):
+        made = model.generate_image(seed=3, prompt="7", config=Config(num_inference_steps=5, guidance=guidance,
+                                                                       scheduler_kwargs=kwargs))
+        return np.asarray(made.image), made.metadata["solver_options"]
+
+    default, options = pixels()
+    assert options == ({} if corrector else {"corrector": False})
+    assert np.array_equal(default, pixels(corrector=corrector)[0])
+    assert not np.array_equal(default, pixels(corrector=not corrector)[0])
+    assert pixels(corrector=True)[1] == {"corrector": True}  # the user's choice stands
