@@ -28,6 +28,7 @@ from typing import Any
 
 from fewstep.errors import FewstepError, InputFileError, InvalidInput, NonFiniteError
 from fewstep.models import EMBEDDED
+from fewstep.solvers.denoise import guided_options
 from fewstep.solvers.registry import RECOMMENDED
 
 EULER_ALIASES = {"linear": "euler", "flow_match_euler_discrete": "euler", "FlowMatchEulerDiscreteScheduler": "euler"}
@@ -189,21 +190,6 @@ def resolve_scheduler(scheduler: str, kwargs: dict) -> tuple[str, dict]:
             raise InvalidInput(f"solver {name!r} has no option {key!r} (--scheduler-kwargs); its options: "
                                f"{', '.join(accepted) or 'none'}{_suggest(key, accepted)}")
     return name, options
-
-
-# adams-denoise's free corrector assumes a velocity that is smooth along the path; classifier-free guidance w
-# amplifies the difference of two fields w times. Measured on the embedded digits model (256 noises, RMSE, corrector
-# off ÷ on, 4–8 calls, shift 1 / 3): guidance 2 0.95–1.14, guidance 3 0.71–0.97 at ≤ 6 calls (1.00–1.14 at 8–10),
-# guidance 4 0.48–1.01, guidance 5 0.44–0.99; fashion guidance 3 0.82–1.02 at ≤ 6 calls. docs/solvers.md.
-GUIDANCE_WITHOUT_CORRECTOR = 3.0
-
-
-def guided_options(solver: str, options: dict, guidance: float) -> dict:
-    """`options` with adams-denoise's corrector off for guidance ≥ GUIDANCE_WITHOUT_CORRECTOR, unless `corrector` was
-    given: `generate` knows the guidance scale, which a diffusers scheduler never sees."""
-    if solver == "adams-denoise" and "corrector" not in options and guidance >= GUIDANCE_WITHOUT_CORRECTOR:
-        return {**options, "corrector": False}
-    return options
 
 
 def build_solver(name: str, options: dict, steps: int) -> Any:

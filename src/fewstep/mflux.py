@@ -33,6 +33,7 @@ from mflux.models.common.schedulers.base_scheduler import BaseScheduler
 from fewstep.entry import enter
 from fewstep.errors import InvalidInput, NonFiniteError
 from fewstep.sampling import resolve_solver
+from fewstep.solvers.denoise import guided_options
 from fewstep.solvers.plan import Plan, PlanRun, grid_plan, intervals_for
 from fewstep.solvers.registry import RECOMMENDED, info
 
@@ -72,6 +73,13 @@ def _shift(sigmas: mx.array, model_config: Any, mu: float) -> mx.array:
     return mx.concatenate([shifted, mx.zeros(1)])
 
 
+def _guidance(config: Any) -> float:
+    """The guidance scale the model samples with: mflux's `guidance`, unless the model has none (schnell)."""
+    if getattr(getattr(config, "model_config", None), "supports_guidance", None) is False:
+        return 1.0
+    return float(getattr(config, "guidance", None) or 1.0)
+
+
 class FewstepScheduler(BaseScheduler):
     """A fewstep solver as an mflux scheduler. Subclasses set `solver` (a fewstep solver name) and may set any of that
     solver's options as class attributes (None = the solver's default)."""
@@ -95,7 +103,8 @@ class FewstepScheduler(BaseScheduler):
     def __init__(self, config: Any):
         self.config = config
         name = type(self).__name__
-        self._solver, _ = resolve_solver(self.solver, self.solver_options())
+        self._solver, _ = resolve_solver(self.solver, guided_options(self.solver, self.solver_options(),
+                                                                     _guidance(config)))
         self._name = name
         self._calls = int(config.num_inference_steps)
         self._intervals = intervals_for(self._solver, self._calls, name)

@@ -223,10 +223,24 @@ def test_loop_runs_the_plan(offline, image, name, model):
         grid = np.array(fm.mflux_sigmas(intervals, ModelConfig.from_name(model, None), HEIGHT * WIDTH / 256),
                         np.float64)
         grid = grid[grid <= calls[0][1]]
-        plan = grid_plan(solvers.get(SOLVER[name], **getattr(fm, name).solver_options()), grid)
+        plan = grid_plan(config(model, 8, f"fewstep.mflux.{name}", guidance=3.5).scheduler._solver, grid)
         expected = execute(plan, offline.mixture.velocity, calls[0][2], check_finite=False)
         assert plan.calls == len(calls)
         np.testing.assert_allclose(offline.final_latents(), unpack(expected), rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("model,corrector", [("schnell", True), ("dev", False)])
+def test_the_recommended_solver_drops_its_corrector_for_a_guided_model(model, corrector):
+    """docs/solvers.md: adams-denoise's corrector is off at guidance ≥ 3 (the harness samples dev at 3.5; schnell has
+    no guidance whatever mflux's config says); a class that sets `corrector` keeps it."""
+    built = config(model, 8, "fewstep.mflux.Recommended", guidance=3.5)
+    assert built.scheduler._solver == solvers.get("adams-denoise", corrector=corrector)
+    assert config(model, 8, "fewstep.mflux.Recommended", guidance=2.0).scheduler._solver.corrector
+
+    class WithCorrector(fm.Recommended):
+        corrector = True
+
+    assert WithCorrector(built)._solver.corrector
 
 
 @pytest.mark.parametrize("img2img", [False, True])
