@@ -250,10 +250,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._offset = 0
         self._repeat_at = None
         self._grid_warned = False
-        # Every schedule key explicit (so it survives a trip through another scheduler's config), and the shift under
-        # the name UniPC / DPM-Solver read in flow mode.
-        # The defaults list sorted (diffusers builds it from a set) and absent when empty (as diffusers leaves it after
-        # from_pretrained): configs are compared as dicts. register_to_config can add keys but not remove one.
+        # Every schedule key explicit (so it survives a trip through another scheduler's config), the shift also under
+        # the name UniPC / DPM-Solver read in flow mode, and the defaults list sorted (diffusers builds it from a set)
+        # and absent when empty (as diffusers leaves it after from_pretrained): configs are compared as dicts.
+        # register_to_config can add keys but not remove one.
         config = {k: v for k, v in self.config.items() if k != "_use_default_values"}
         defaults = sorted(k for k in self.config.get("_use_default_values", []) if k not in SCHEDULE_KEYS)
         self._internal_dict = FrozenDict({**config, **({"_use_default_values": defaults} if defaults else {}),
