@@ -18,7 +18,7 @@ from fewstep.bench import add_arguments, run, run_bench
 from fewstep.bench import headline as hl
 from fewstep.bench.convergence import convergence_markdown, linear_exact, linear_velocity, measure, stable_limit
 from fewstep.bench.grids import get_grid, parse_grids
-from fewstep.bench.measure import markdown, problem_files, write_files
+from fewstep.bench.measure import default_solvers, markdown, problem_files, write_files
 from fewstep.bench.peers import PEERS, peer_scheduler, run_peer
 from fewstep.bench.problems import Problem, load_problem
 from fewstep.bench.stats import error_stats, ratio_ci, rmse_ci
@@ -263,6 +263,21 @@ def test_a_solver_with_options_is_its_own_row():
     for bad in (["stork-2:stages"], ["stork-2:nonsense=1"], ["rk45:stages=2"]):
         with pytest.raises(InvalidInput, match="--solvers"):
             run_bench("gmm2d", bad, [6], samples=16, peers=False, progress=False)
+
+
+def test_the_generate_row_is_the_recommended_solver_with_generates_options_for_the_guidance():
+    # docs/solvers.md: `fewstep generate` turns adams-denoise's corrector off at guidance ≥ 3; at guidance 1 the row is
+    # adams-denoise itself.
+    for name, guidance, same_as in (("gmm2d", 1.0, "adams-denoise"),
+                                    ("digits-cfg3", 3.0, "adams-denoise:corrector=False")):
+        bench = run_bench(name, ["generate", "adams-denoise", "adams-denoise:corrector=False"], [4], samples=12,
+                          peers=False, progress=False)
+        by = {r["solver"]: r["rmse"] for r in bench.rows}
+        assert bench.problem.guidance == guidance and by["generate"] == by[same_as]
+        assert by["adams-denoise"] != by["adams-denoise:corrector=False"]
+        assert any(note.startswith(f"generate: adams-denoise as `fewstep generate` runs it at this problem's guidance "
+                                   f"{guidance:g}") for note in bench.notes)
+    assert "generate" not in default_solvers()
 
 
 def test_stability_limits_of_euler_and_heun():

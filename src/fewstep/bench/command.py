@@ -21,6 +21,7 @@ from pathlib import Path
 from fewstep.errors import InputFileError, InvalidInput
 
 SEARCHED = "neuralsolver-searched"
+GENERATE = "generate"  # the recommended solver with the options `fewstep generate` picks for the problem's guidance
 DEFAULT_NFE = "4,5,6,7,8,9,10,12,16"
 SEARCH_ITERATIONS = 300  # gmm8d, 8 NFE: RMSE 1.5e-2 in 3 s (1500 iterations: 9e-3 in 14 s)
 MAX_SEED = 2**63 - 1 - 2000
@@ -57,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"model-call budgets, at most {MAX_NFE} (default {DEFAULT_NFE}; transfer: {TRANSFER_NFE})")
     parser.add_argument("--solvers", default=None,
                         help=f"comma-separated fewstep methods (default: all registered, stork-*-official; {SEARCHED} "
-                             "only when named)")
+                             f"and {GENERATE}, the recommended solver as `fewstep generate` runs it at the problem's "
+                             "guidance, only when named)")
     parser.add_argument("--headline-solver", default=None,
                         help="the training-free solver of the headline table and of the transfer suite's "
                              "comparison (default: the registry's recommended solver, else stork-2)")

@@ -22,14 +22,16 @@ import numpy as np
 import torch
 
 from fewstep.bench import stats
-from fewstep.bench.command import DEFAULT_NFE, MAX_NFE, SEARCH_ITERATIONS, SEARCHED
+from fewstep.bench.command import DEFAULT_NFE, GENERATE, MAX_NFE, SEARCH_ITERATIONS, SEARCHED
 from fewstep.bench.grids import Grid, get_grid
 from fewstep.bench.peers import NOTES as PEER_NOTES
 from fewstep.bench.peers import PEERS, is_peer, peer_method
 from fewstep.bench.problems import Problem, load_problem
 from fewstep.errors import InvalidInput
 from fewstep.files import atomic_write, check_output
+from fewstep.solvers.denoise import guided_options
 from fewstep.solvers.plan import StepCountError
+from fewstep.solvers.registry import RECOMMENDED
 
 OFFICIAL = ("stork-2-official", "stork-4-official")
 SEARCH_BATCH = 32
@@ -64,15 +66,16 @@ def single_thread() -> None:
 
 def fewstep_methods() -> list[str]:
     """The fewstep rows the bench knows: every registered solver, the official STORK behaviour, the searched
-    NeuralSolver."""
+    NeuralSolver, and `generate` (the recommended solver as `fewstep generate` runs it for the problem's guidance)."""
     import fewstep
 
-    return [*fewstep.solvers.names(), *OFFICIAL, SEARCHED]
+    return [*fewstep.solvers.names(), *OFFICIAL, SEARCHED, GENERATE]
 
 
 def default_solvers() -> list[str]:
-    """The fewstep rows of a run without `--solvers`: all but the searched NeuralSolver (a search per NFE)."""
-    return [n for n in fewstep_methods() if n != SEARCHED]
+    """The fewstep rows of a run without `--solvers`: all but the searched NeuralSolver (a search per NFE) and
+    `generate` (where the guidance is weak, the recommended solver's own row)."""
+    return [n for n in fewstep_methods() if n not in (SEARCHED, GENERATE)]
 
 
 def _ours(name: str, velocity: Callable, noise: torch.Tensor, grid: Grid, **options) -> Callable[[int], torch.Tensor]:
@@ -113,6 +116,7 @@ def methods(problem: Problem, grid: Grid, seed: int = 0, search_iterations: int 
         return fewstep.sample(v, noise, "neuralsolver", nfe, solver_file=found)
 
     table[SEARCHED] = searched
+    table[GENERATE] = _ours(RECOMMENDED, v, noise, grid, **guided_options(RECOMMENDED, {}, problem.guidance))
     for spec in specs:
         if spec not in table:
             name, options = parse_spec(spec)
@@ -214,6 +218,10 @@ def run_bench(problem: str | Problem = "gmm8d", solvers: list[str] | None = None
         notes += ("stork-*-official: fewstep's STORK with compat='official' (the paper's released behaviour)",)
     if "neuralsolver" in names:
         notes += ("neuralsolver: the published SiT table with its own time grid (not the bench grid)",)
+    if GENERATE in names:
+        chosen = guided_options(RECOMMENDED, {}, task.guidance)
+        notes += (f"{GENERATE}: {RECOMMENDED} as `fewstep generate` runs it at this problem's guidance "
+                  f"{task.guidance:g}: options {chosen or 'its defaults'} (docs/solvers.md)",)
     if SEARCHED in names:
         notes += (f"{SEARCHED}: `fewstep.search` per NFE on {len(task.train_noise)} training noises (seed {seed} + 1, "
                   f"not the bench noises), {search_iterations} iterations, batch {SEARCH_BATCH}, search seed {seed}, "

@@ -46,6 +46,7 @@ class Problem:
     notes: tuple[str, ...]  # what the reader needs to judge the numbers: reference accuracy, noise floors
     image: bool = False
     to_image: Callable | None = None  # samples → PIL image grid (image problems)
+    guidance: float = 1.0  # the classifier-free guidance scale in `velocity` (1: none)
 
 
 def default_cache() -> Path:
@@ -178,7 +179,7 @@ def embedded_problem(module_name: str, guidance: float, name: str, samples: int,
     train_labels = (torch.arange(EMBEDDED_BANK) % 10).to(torch.float64)[:, None]
     train = torch.cat([_normal(EMBEDDED_BANK, mod.DIM, seed + 1), train_labels], dim=1)
     return Problem(name, velocity, noise, reference, quality, labelled(model, guidance), train, notes, image=True,
-                   to_image=getattr(mod, "to_image", None))
+                   to_image=getattr(mod, "to_image", None), guidance=guidance)
 
 
 def embedded(module_name: str, guidance: float = 1.0) -> Callable[..., Problem]:

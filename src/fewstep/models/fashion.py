@@ -455,4 +455,4 @@ def bench_problem(samples: int, seed: int, guidance: float = 1.0):
     name = "fashion" if guidance == 1.0 else f"fashion-g{guidance:g}"
     return Problem(name, model.velocity_fn(labels, guidance), noise, reference, measure,
                    labelled(load_embedded(dtype=torch.float64), guidance), torch.cat([bank, bank_labels], dim=1),
-                   notes, image=True, to_image=to_image)
+                   notes, image=True, to_image=to_image, guidance=guidance)
