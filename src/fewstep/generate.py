@@ -335,8 +335,7 @@ class EmbeddedModel:
         if config.width is not None or config.height is not None:
             size = (config.width or config.height, config.height or config.width)
             image = image.resize(size, resample=0)
-        return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance, image,
-                                                                  chosen))
+        return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance, image, chosen))
 
 
     def _image_to_x(self, path: str):
@@ -426,8 +425,7 @@ class DiffusersModel:
             raise NonFiniteError(f"--model {self.name} produced NaN or Inf pixels (seed {seed}, guidance {guidance:g}"
                                  "); lower --guidance or check the model")
         image = Image.fromarray((pixels * 255).round().astype(np.uint8))  # as diffusers' numpy_to_pil
-        return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance, image,
-                                                                  options))
+        return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance, image, options))
 
 
 def quiet_libraries() -> None:
