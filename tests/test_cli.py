@@ -512,3 +512,26 @@ def test_search_loads_pipelines_as_generate_does_never_from_the_network(capsys, 
                                "--out", tmp_path / "a.json")
         assert_one_line_error(code, err, *fragments)
     assert files_in(tmp_path) == ["notpipe", "p.txt"]
+
+
+def test_inputs_that_name_no_use_or_no_pipeline_are_one_line_errors(capsys, tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "model_index.json").write_text("[1, 2]")
+    for args, fragment in ((("search", "--model", "digits", "--prompts", tmp_path / "p.txt"), "--prompts applies"),
+                           (("search", "--problem", "gmm2d", "--prompts", tmp_path / "p.txt"), "--prompts applies"),
+                           (("search", "--model", tmp_path / "listed", "--prompts", tmp_path / "p.txt"),
+                            "model_index.json must be a JSON object"),
+                           (("generate", "--model", tmp_path / "listed", "--prompt", "x"),
+                            "model_index.json must be a JSON object")):
+        code, _, err = fewstep(capsys, *args, "--out" if args[0] != "generate" else "--output",
+                               tmp_path / ("o.png" if args[0] == "generate" else "o"))
+        assert_one_line_error(code, err, fragment)
+    assert files_in(tmp_path) == ["listed", "p.txt"]
+
+
+def test_metadata_records_the_default_img2img_strength_it_used(capsys, tmp_path, inputs):
+    code, _, err = generate(capsys, "--prompt", "7", "--image", inputs / "good.png", "--output", tmp_path / "a.png",
+                            "--metadata", "-q")
+    assert code == 0, err
+    assert json.loads((tmp_path / "a.json").read_text())["image_strength"] == 0.4

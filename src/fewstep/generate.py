@@ -35,6 +35,7 @@ EULER_ALIASES = {"linear": "euler", "flow_match_euler_discrete": "euler", "FlowM
 DEFAULT_SCHEDULER = RECOMMENDED
 MAX_STEPS = 1000  # model calls; more is never few-step sampling and usually a typo
 MAX_SIDE = 4096  # pixels per side, checked before anything is allocated
+DEFAULT_STRENGTH = 0.4  # img2img strength (diffusers' meaning) when an image comes without one
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range for non-negative seeds
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # output suffix → PIL format
 DEFAULT_EMBEDDED = "fashion"  # the model `fewstep generate` runs when none is named (docs/fashion.md)
@@ -264,6 +265,13 @@ def output_format(path: str | os.PathLike) -> str:
     return IMAGE_FORMATS[suffix]
 
 
+def image_strength(config: Config) -> float | None:
+    """The img2img strength a run uses (diffusers' meaning; DEFAULT_STRENGTH when an image is given without one)."""
+    if config.image_strength is None and config.image_path:
+        return DEFAULT_STRENGTH
+    return config.image_strength
+
+
 def _metadata(model: str, prompt: str, seed: int, config: Config, steps: int, guidance: float, image: Any,
               options: dict) -> dict:
     """What made `image`; its height and width are the image's own (a flag left out has a model default);
@@ -271,9 +279,9 @@ def _metadata(model: str, prompt: str, seed: int, config: Config, steps: int, gu
     from fewstep import __version__
 
     return {"prompt": prompt, "seed": seed, "model": model, "scheduler": config.scheduler, "steps": steps,
-            "scheduler_kwargs": config.scheduler_kwargs, "solver_options": options, "guidance": guidance,
-            "height": image.height,
-            "width": image.width, "image_path": config.image_path, "image_strength": config.image_strength,
+            "scheduler_kwargs": dict(config.scheduler_kwargs), "solver_options": dict(options), "guidance": guidance,
+            "height": image.height, "width": image.width, "image_path": config.image_path,
+            "image_strength": image_strength(config),
             "generator": f"fewstep {__version__}"}
 
 
@@ -325,7 +333,7 @@ class EmbeddedModel:
             from fewstep.entry import begin_index_for_strength
             from fewstep.sampling import make_plan
 
-            strength = 0.4 if config.image_strength is None else config.image_strength
+            strength = image_strength(config)
             begin = begin_index_for_strength(steps, strength)
             sigma = float(make_plan(solver, steps, begin_index=begin, **options).sigmas[0])  # or refuse, before a call
             noise = (1 - sigma) * self._image_to_x(config.image_path) + sigma * noise
@@ -412,13 +420,14 @@ class DiffusersModel:
                 raise InvalidInput(f"--image: {type(pipe).__name__} has no image-to-image pipeline in diffusers"
                                    ) from None
             kwargs["image"] = read_image(config.image_path).convert("RGB")
-            kwargs["strength"] = 0.4 if config.image_strength is None else config.image_strength
+            kwargs["strength"] = image_strength(config)
         pipe.set_progress_bar_config(disable=not self.progress)
         try:
             pixels = pipe(**kwargs).images[0]
         except FewstepError:
             raise
-        except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as err:  # size, config or model failure
+        except (ValueError, RuntimeError, ZeroDivisionError, IndexError, TypeError) as err:
+            # size, config or model failure; TypeError: a pipeline that takes no prompt (unconditional DDPM)
             raise InvalidInput(f"--model {self.name}: the pipeline failed ({type(err).__name__}: "
                                f"{' '.join(str(err).split())})") from None
         if not np.isfinite(pixels).all():
@@ -449,6 +458,9 @@ def _check_pipeline_folder(folder: Path, model: str) -> None:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         return  # not a pipeline folder: from_pretrained says so
+    if not isinstance(index, dict):
+        raise InputFileError(f"--model {model}: model_index.json must be a JSON object (component name → [library, "
+                             f"class]), got {type(index).__name__}")
     missing = [name for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list)
                and len(spec) == 2 and spec[0] is not None and spec[1] is not None and not (folder / name).is_dir()]
     if missing:
@@ -665,7 +677,7 @@ def _image_arguments(args: argparse.Namespace) -> tuple[str | None, float | None
     if mflux_style:
         if args.image_path is None:
             raise InvalidInput("--image-strength needs --image-path")
-        return args.image_path, None, 0.4 if args.image_strength is None else args.image_strength
+        return args.image_path, None, 0.4 if args.image_strength is None else args.image_strength  # mflux's default
     if args.image is None:
         if args.strength is not None:
             raise InvalidInput("--strength needs --image PATH")
@@ -754,7 +766,7 @@ def run(args: argparse.Namespace) -> int:
             from fewstep.entry import begin_index_for_strength
             from fewstep.sampling import make_plan
 
-            strength_used = 0.4 if config.image_strength is None else config.image_strength
+            strength_used = image_strength(config)
             make_plan(solver, steps, begin_index=begin_index_for_strength(steps, strength_used), **options)
         return config
 

@@ -1541,6 +1541,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InvalidInput("--shape applies to a module:function velocity; mixtures, embedded models and pipelines "
                            "know their own shape")
     if args.prompts is not None:
+        from fewstep.models import EMBEDDED
+        from fewstep.testbed import PRESETS
+
+        if args.model in PRESETS or args.model in EMBEDDED or is_velocity_spec(args.model):
+            raise InvalidInput(f"--prompts applies to a diffusers pipeline; --model {args.model} takes no prompts")
         args.prompt_list = read_prompts(args.prompts)
     if not args.out or args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
         raise InvalidInput(f"--out {args.out!r} names a directory; give the solver file's path, e.g. my6.json")

@@ -248,7 +248,7 @@ def _headline_solver(args: argparse.Namespace) -> str:
     from fewstep.bench import headline as hl
     from fewstep.bench.measure import check_solvers, fewstep_methods
 
-    solver = args.headline_solver or hl.default_solver()
+    solver = hl.default_solver() if args.headline_solver is None else args.headline_solver
     try:
         check_solvers([solver])
     except InvalidInput:
