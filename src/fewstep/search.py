@@ -325,6 +325,8 @@ def resolve_target(model: str, shape: Sequence[int] | None = None, guidance: flo
     from fewstep.models import EMBEDDED
     from fewstep.testbed import PRESETS
 
+    if prompts is not None and (model in PRESETS or model in EMBEDDED or is_velocity_spec(model)):
+        raise InvalidInput(f"--prompts applies to a diffusers pipeline; --model {model} takes no prompts")
     if model in PRESETS:
         if guidance not in (None, 1.0):
             raise InvalidInput(f"--guidance: the mixture {model} has no conditioning to guide")
@@ -1541,11 +1543,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InvalidInput("--shape applies to a module:function velocity; mixtures, embedded models and pipelines "
                            "know their own shape")
     if args.prompts is not None:
-        from fewstep.models import EMBEDDED
-        from fewstep.testbed import PRESETS
-
-        if args.model in PRESETS or args.model in EMBEDDED or is_velocity_spec(args.model):
-            raise InvalidInput(f"--prompts applies to a diffusers pipeline; --model {args.model} takes no prompts")
         args.prompt_list = read_prompts(args.prompts)
     if not args.out or args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
         raise InvalidInput(f"--out {args.out!r} names a directory; give the solver file's path, e.g. my6.json")
@@ -1627,8 +1624,6 @@ class _SigintStop:
 
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
-    import sys
-
     import torch
 
     torch.set_num_threads(1)  # small models: intra-op threads only add overhead on a shared machine
