@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -263,6 +264,16 @@ def test_a_solver_with_options_is_its_own_row():
     for bad in (["stork-2:stages"], ["stork-2:nonsense=1"], ["rk45:stages=2"]):
         with pytest.raises(InvalidInput, match="--solvers"):
             run_bench("gmm2d", bad, [6], samples=16, peers=False, progress=False)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("adams", "unknown solver 'adams' (did you mean 'adams2'?)"),  # `fewstep generate`'s family name, its default
+    ("linear", "unknown solver 'linear' (did you mean 'euler'?)"),  # mflux's Euler alias
+    ("stork2", "unknown solver 'stork2' (did you mean 'stork-2'?)"),
+    ("generate:corrector=true", "'generate' takes no options")])
+def test_a_near_miss_in_solvers_names_what_was_meant(spec, message):
+    with pytest.raises(InvalidInput, match=re.escape(f"--solvers: {message}" if "unknown" in message else message)):
+        run_bench("gmm2d", [spec], [6], samples=16, peers=False, progress=False)
 
 
 def test_the_generate_row_is_the_recommended_solver_with_generates_options_for_the_guidance():

@@ -203,6 +203,18 @@ def test_quiet_on_a_pipeline_prints_nothing(tmp_path, tiny_schnell):
     assert result.returncode == 0 and result.stderr == "" and result.stdout == ""
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_also_silences_fewsteps_note_on_a_source_clip_sample(quiet):
+    """PixArt ships DDIM's config with clip_sample=True, which fewstep does not apply: said once, not under -q (which
+    calls quiet_libraries for a pipeline; a fresh interpreter, as the CLI, so the filters do not leak)."""
+    code = ("from diffusers import DDIMScheduler\nfrom fewstep.diffusers import FewstepScheduler\n"
+            "from fewstep.generate import quiet_libraries\n"
+            f"{'quiet_libraries()' if quiet else ''}\nFewstepScheduler.from_config(DDIMScheduler().config)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("clip_sample=True") == (0 if quiet else 1), result.stderr
+
+
 def test_model_path_python_api_calls_the_transformer_once_per_step(tmp_path, tiny_schnell):
     import numpy as np
     import pipelines as tiny

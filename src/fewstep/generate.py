@@ -188,7 +188,8 @@ def resolve_scheduler(scheduler: str, kwargs: dict) -> tuple[str, dict]:
     accepted = solvers.info(name).options()
     for key in options:
         if key not in accepted:
-            raise InvalidInput(f"solver {name!r} has no option {key!r} (--scheduler-kwargs); its options: "
+            called = repr(name) if name == scheduler else f"{name!r} (--scheduler {scheduler!r})"
+            raise InvalidInput(f"solver {called} has no option {key!r} (--scheduler-kwargs); its options: "
                                f"{', '.join(accepted) or 'none'}{_suggest(key, accepted)}")
     return name, options
 
@@ -438,9 +439,12 @@ class DiffusersModel:
 
 
 def quiet_libraries() -> None:
-    """--quiet with a diffusers pipeline: diffusers' and transformers' loading bars and warnings off too (their errors
-    still show)."""
+    """--quiet with a diffusers pipeline: diffusers' and transformers' loading bars and warnings off too, and Python
+    warnings (fewstep's note that a source config's clip_sample is not applied, libraries' deprecations); errors
+    still show."""
     import importlib
+
+    warnings.simplefilter("ignore")
 
     for name in ("diffusers", "transformers"):
         try:

@@ -9,6 +9,7 @@ through the grid a pipeline would pass (`fewstep.bench.grids`); NFE is always th
 from __future__ import annotations
 
 import csv
+import difflib
 import functools
 import io
 import json
@@ -27,7 +28,7 @@ from fewstep.bench.grids import Grid, get_grid
 from fewstep.bench.peers import NOTES as PEER_NOTES
 from fewstep.bench.peers import PEERS, is_peer, peer_method
 from fewstep.bench.problems import Problem, load_problem
-from fewstep.errors import InvalidInput
+from fewstep.errors import FewstepError, InvalidInput
 from fewstep.files import atomic_write, check_output
 from fewstep.solvers.denoise import guided_options
 from fewstep.solvers.plan import StepCountError
@@ -148,6 +149,17 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name, options
 
 
+def _close(word: str, choices: list[str]) -> str:
+    """' (did you mean ...?)' for a `fewstep generate` alias ("adams", "linear") or a near miss; else ''."""
+    from fewstep.generate import resolve_scheduler
+
+    try:
+        close = [resolve_scheduler(word, {})[0]]
+    except FewstepError:
+        close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def check_solvers(solvers: list[str] | None) -> list[str]:
     """The fewstep rows to run: known names, or registered solvers with options (`parse_spec`), each once."""
     import fewstep
@@ -160,15 +172,17 @@ def check_solvers(solvers: list[str] | None) -> list[str]:
         if spec in ours:
             continue
         name, options = parse_spec(spec)
+        if name in ours and name not in fewstep.solvers.names():
+            raise InvalidInput(f"--solvers: {spec!r}: {name!r} takes no options")
         if ":" not in spec or name not in fewstep.solvers.names():
-            unknown.append(spec)
+            unknown.append(f"{spec!r}{_close(name, ours)}")
             continue
         try:
             fewstep.solvers.get(name, **options)
         except (ValueError, TypeError) as err:
             raise InvalidInput(f"--solvers: {spec!r}: {err}") from None
     if unknown:
-        raise InvalidInput(f"--solvers: unknown solver {', '.join(map(repr, unknown))}; available: {', '.join(ours)} "
+        raise InvalidInput(f"--solvers: unknown solver {', '.join(unknown)}; available: {', '.join(ours)} "
                            "(or name:key=value for a registered solver with options)")
     return list(dict.fromkeys(solvers))
 
