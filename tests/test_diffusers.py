@@ -697,6 +697,8 @@ def test_bad_construction_is_a_clear_value_error(make, message):
     ("euler", dict(prediction_type="epsilon"), dict(sigmas=[1.0, 0.5]), "VP timesteps"),
     ("euler", {}, dict(sigmas=[]), "at least one value above 0"),
     ("euler", {}, dict(sigmas=[1.0, 0.5], timesteps=[1000.0]), "same length"),
+    ("euler", dict(prediction_type="epsilon", timestep_spacing="linspace", timestep_spacing_rule="dpm-solver"),
+     dict(num_inference_steps=1000), "1000 grid nodes repeat a training timestep"),
 ])
 def test_bad_set_timesteps_is_a_clear_value_error(solver, kwargs, call, message):
     s = FewstepScheduler(solver=solver, **kwargs)
@@ -721,6 +723,22 @@ def test_epsilon_timesteps_outside_the_training_range_are_refused():
     s = FewstepScheduler(solver="euler", prediction_type="epsilon", num_train_timesteps=100)
     with pytest.raises(InvalidInput, match=r"timesteps must lie in \[0, 99\] \(num_train_timesteps=100\)"):
         s.set_timesteps(timesteps=[150.0, 50.0])
+
+
+def test_flow_timesteps_ending_at_zero_end_at_sigma_zero_as_sigmas_do():
+    """timesteps=[1000, 500, 0] (FlowMatchEuler takes it) was refused as 'sigmas must be strictly decreasing'."""
+    s = FewstepScheduler(shift=3.0, solver="euler")
+    s.set_timesteps(timesteps=[1000.0, 500.0, 0.0])
+    assert s.timesteps.tolist() == [1000.0, 500.0] and s.sigmas.tolist() == [1.0, 0.5, 0.0]
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref.set_timesteps(timesteps=[1000.0, 500.0, 0.0])
+    x, v = torch.randn(2, 4), torch.randn(2, 4)
+    ours, theirs = x, x
+    for t in ref.timesteps:  # FlowMatchEuler's third step goes from σ = 0 to 0: the same result in one call less
+        theirs = ref.step(v, t, theirs).prev_sample
+    for t in s.timesteps:
+        ours = s.step(v, t, ours).prev_sample
+    torch.testing.assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
@@ -774,6 +792,56 @@ def test_epsilon_karras_sigmas_are_dpm_solvers():
     vp = (s.sigmas / (1 - s.sigmas)).double()
     torch.testing.assert_close(vp, ref.sigmas.double(), rtol=2e-5, atol=0)
     assert torch.allclose(s.timesteps, ref.timesteps.float(), atol=0.5)  # DPM-Solver rounds the timesteps
+
+
+@pytest.mark.parametrize("spacing", ["karras", "exponential", "beta"])
+def test_flow_unipc_use_sigmas_respace_the_vp_range_of_its_betas_as_unipc_karras(spacing):
+    """A flow-mode UniPC config with use_*_sigmas: UniPC re-spaces the VP σ of its betas (Karras: exactly its grid,
+    flow_shift unused), not the shifted grid between 1 and the last node (that stopped at σ = 0.5 at 4 steps)."""
+    from diffusers import UniPCMultistepScheduler
+
+    config = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0,
+                                     **{f"use_{spacing}_sigmas": True}).config
+    s = FewstepScheduler.from_config(config, solver="euler")
+    s.set_timesteps(4)
+    ref = UniPCMultistepScheduler.from_config(config, use_karras_sigmas=True, use_exponential_sigmas=False,
+                                              use_beta_sigmas=False)
+    ref.set_timesteps(4)
+    torch.testing.assert_close(s.sigmas[[0, -2]], ref.sigmas[[0, -2]].float(), atol=2e-7, rtol=0)  # the VP range
+    if spacing == "karras":
+        torch.testing.assert_close(s.sigmas, ref.sigmas.float(), atol=2e-7, rtol=0)
+        assert torch.allclose(s.timesteps, ref.timesteps.float(), atol=1.0)  # UniPC rounds down to integers
+
+
+@pytest.mark.parametrize("target", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler"])
+def test_a_default_spacing_stays_a_default_through_fewstep(target, tmp_path):
+    """DDIM()'s 'leading' is only its default: the next diffusers class spaces as itself, through fewstep as directly
+    (it got 'leading', the first timestep 900 not 999); an explicit spacing and our own use of it are kept."""
+    import diffusers
+
+    cls = getattr(diffusers, target)
+    for source in (DDIMScheduler().config, _saved_without_spacing(tmp_path)):  # live defaults; SD 1.x's PNDM file
+        direct = cls.from_config(source)
+        ours = AdamsScheduler.from_config(source)
+        via = cls.from_config(FewstepScheduler.from_config(ours.config).config)
+        for sched in (direct, via, ours):
+            sched.set_timesteps(10)
+        assert torch.equal(via.timesteps, direct.timesteps) and via.config.timestep_spacing != "leading"
+        assert ours.config.timestep_spacing == "leading" and ours.timesteps[0] == 900 + source["steps_offset"]
+    explicit = FewstepScheduler.from_config(DDIMScheduler(timestep_spacing="trailing").config)
+    assert cls.from_config(explicit.config).config.timestep_spacing == "trailing"
+
+
+def _saved_without_spacing(folder):
+    """A scheduler_config.json as SD 1.x ships it: PNDM's keys, no timestep_spacing."""
+    from diffusers import PNDMScheduler
+
+    PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
+                  steps_offset=1).save_config(folder)
+    config = json.loads((folder / "scheduler_config.json").read_text())
+    del config["timestep_spacing"]
+    (folder / "scheduler_config.json").write_text(json.dumps(config))
+    return PNDMScheduler.from_pretrained(folder).config
 
 
 def test_switching_between_fewstep_schedulers_keeps_the_schedule_not_the_solver():

@@ -18,9 +18,11 @@ from_config: users switch schedulers back and forth (`Ours.from_config(FlowMatch
 What the *source* scheduler did is kept: a FlowMatch* class is flow matching; UniPC / DPM-Solver / DEIS with
 `use_flow_sigmas` or `prediction_type="flow_prediction"` are flow matching with shift = their `flow_shift`; DDIM-like
 classes are ε with their betas and spacing, defaults included. Our own config records every schedule key explicitly
-(none in `_use_default_values`) and mirrors `shift` as `flow_shift`, so that diffusers' flow schedulers built from it
-(UniPC/DPM-Solver with `use_flow_sigmas=True`) get the same shift and flow prediction, and the keys they do not know
-travel along as hidden config. A config dict, a FrozenDict or a saved config folder / JSON path is accepted.
+(none in `_use_default_values` but a `timestep_spacing` that was only a default, which the next diffusers class
+replaces by its own, as it would from the source directly) and mirrors `shift` as `flow_shift`, so that diffusers'
+flow schedulers built from it (UniPC/DPM-Solver with `use_flow_sigmas=True`) get the same shift and flow prediction,
+and the keys they do not know travel along as hidden config. A config dict, a FrozenDict or a saved config folder /
+JSON path is accepted.
 """
 from __future__ import annotations
 
@@ -212,7 +214,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._solver_name = solver
         self._epsilon = prediction_type == "epsilon"
         self._vp = None
-        if self._epsilon:
+        # UniPC / DPM-Solver in flow mode with use_*_sigmas re-space the VP σ range of their betas, not the shifted
+        # flow grid (UniPC: Karras over √((1−ᾱ)/ᾱ), then s = σ/(1 + σ), flow_shift unused); so the betas matter there.
+        vp_spaced = timestep_spacing_rule == "dpm-solver" and any(
+            self.config[f"use_{name}_sigmas"] for name in SPACINGS)
+        if self._epsilon or vp_spaced:
             if beta_schedule not in BETA_SCHEDULES and trained_betas is None:
                 raise InvalidInput(f"beta_schedule must be {', '.join(BETA_SCHEDULES)}, got {beta_schedule!r}")
             if timestep_spacing not in TIMESTEP_SPACINGS:
@@ -231,7 +237,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 beta_schedule=beta_schedule, trained_betas=trained_betas, timestep_spacing=timestep_spacing,
                 steps_offset=steps_offset)
             # What every diffusers VP scheduler exposes (training utilities such as compute_snr read them).
-            self.betas, self.alphas, self.alphas_cumprod = self._vp.betas, self._vp.alphas, self._vp.alphas_cumprod
+            if self._epsilon:
+                self.betas, self.alphas, self.alphas_cumprod = (self._vp.betas, self._vp.alphas,
+                                                                self._vp.alphas_cumprod)
             # Flow time of every training timestep; increasing in t, so t ↔ s is a monotone interpolation.
             self._flow_time = flow_time(self._vp.alphas_cumprod.double().numpy())
         spacings = [name for name in SPACINGS if self.config[f"use_{name}_sigmas"]]
@@ -255,7 +263,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         # and absent when empty (as diffusers leaves it after from_pretrained): configs are compared as dicts.
         # register_to_config can add keys but not remove one.
         config = {k: v for k, v in self.config.items() if k != "_use_default_values"}
-        defaults = sorted(k for k in self.config.get("_use_default_values", []) if k not in SCHEDULE_KEYS)
+        defaults = sorted(k for k in self.config.get("_use_default_values", [])
+                          if k not in SCHEDULE_KEYS or k == "timestep_spacing")
         self._internal_dict = FrozenDict({**config, **({"_use_default_values": defaults} if defaults else {}),
                                           "flow_shift": shift, "fewstep_class": type(self).__name__})
 
@@ -296,10 +305,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             kwargs["shift"] = kwargs.pop("flow_shift")
         if "solver" in kwargs and kwargs["solver"] != config.get("solver") and "solver_options" not in kwargs:
             config = {k: v for k, v in config.items() if k != "solver_options"}  # they were the old solver's
+        # A spacing the source only had as its default (DDIMScheduler(), SD 1.x's PNDM file without the key) stays a
+        # default for the next class, as between two diffusers classes: DPM-Solver from DDIM() spaces as DPM-Solver.
+        spacing_default = "timestep_spacing" not in kwargs and (
+            "timestep_spacing" not in config or "timestep_spacing" in config.get("_use_default_values", ()))
         made = super().from_config(_schedule_of(config, cls), return_unused_kwargs=return_unused_kwargs, **kwargs)
         scheduler = made[0] if return_unused_kwargs else made
         # not the source's hidden ones
         scheduler.register_to_config(flow_shift=scheduler.config.shift, fewstep_class=cls.__name__)
+        if spacing_default:
+            defaults = {*scheduler.config.get("_use_default_values", ()), "timestep_spacing"}
+            scheduler.register_to_config(_use_default_values=sorted(defaults))
         return made
 
     @property
@@ -347,6 +363,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         calls = num_inference_steps  # what the caller asked for; None when it gave the grid itself as timesteps
         if timesteps is not None:
             nodes = np.asarray(timesteps, dtype=np.float64).ravel()
+            if not self._epsilon and len(nodes) > 1 and nodes[-1] == 0:
+                nodes = nodes[:-1]  # flow timestep 0 is σ = 0, where every run ends (as for `sigmas`)
             if num_inference_steps not in (None, len(nodes)):
                 raise InvalidInput(f"{len(nodes)} timesteps given but num_inference_steps={num_inference_steps}")
             calls = None
@@ -371,9 +389,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 grid = flow_sigmas(sigmas=resample_grid(body, n - 1).tolist(), **self._shifting(mu))
         elif num_inference_steps is None:
             raise InvalidInput("set_timesteps needs num_inference_steps, sigmas or timesteps")
-        elif self._epsilon and self._spacing:
-            # DPM-Solver's use_*_sigmas: VP σ = s/(1−s) from the highest training timestep's down to the lowest's,
-            # re-spaced, then σ = 0.
+        elif self._spacing and (self._epsilon or cfg.timestep_spacing_rule == "dpm-solver"):
+            # DPM-Solver's and UniPC's use_*_sigmas: VP σ = s/(1−s) from the highest training timestep's down to the
+            # lowest's, re-spaced, then σ = 0 (in flow mode too: UniPC's Karras grid; DPM-Solver's own flow-mode
+            # code passes the VP σ, > 1, unconverted, which no model can use).
             top, low = self._flow_time[-1], self._flow_time[0]
             vp = respace(top / (1 - top), low / (1 - low), self._intervals(calls), self._spacing)
             grid = np.r_[vp / (1 + vp), 0.0]
@@ -439,7 +458,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise InvalidInput(f"{n} grid nodes need num_train_timesteps >= {n}, got "
                                f"num_train_timesteps={self.config.num_train_timesteps}")
         self._vp.set_timesteps(n)
-        return self._vp.timesteps.double().numpy()
+        t = self._vp.timesteps.double().numpy()
+        if len(np.unique(t)) < len(t):  # DPM-Solver's rounded linspace at n = num_train_timesteps repeats one
+            raise InvalidInput(f"{n} grid nodes repeat a training timestep with timestep_spacing="
+                               f"{self.config.timestep_spacing!r} (as {type(self._vp).__name__}'s own grid does); use "
+                               f"fewer num_inference_steps")
+        return t
 
     def _shifting(self, mu: float | None) -> dict:
         cfg = self.config
