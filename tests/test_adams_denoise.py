@@ -106,7 +106,10 @@ PINNED = [2.9264771e-1, 1.7476624e-1, 1.2885391e-1]  # UniPC-2 (diffusers, same 
 
 
 def test_options_are_checked():
-    with pytest.raises(ValueError, match="order"):
-        get("adams-denoise", order=4)
-    with pytest.raises(ValueError, match="corrector"):
-        get("adams-denoise", corrector="yes")
+    from fewstep.errors import InvalidInput
+
+    # InvalidInput (a ValueError): the CLI's one-line errors and callers catching FewstepError see them
+    for bad, match in (({"order": 4}, "order"), ({"order": 2.0}, "order must be 2 or 3, got 2.0"),
+                       ({"order": True}, "order"), ({"corrector": "yes"}, "corrector")):
+        with pytest.raises(InvalidInput, match=match):
+            get("adams-denoise", **bad)

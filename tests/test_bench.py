@@ -421,7 +421,8 @@ def test_digits_with_guidance_samples_the_guided_flow(digits, monkeypatch):
     (["--solvers", "rk45"], "--solvers"), (["--headline-solver", "rk45"], "--headline-solver"),
     (["--readme", "README.md"], "--readme"), (["--suite", "headline", "--no-peers"], "--no-peers"),
     (["--grid", "shift1", "--shift", "3"], "--shift"), (["--seed", "-1"], "--seed"),
-    (["--seed", str(2**64)], "--seed"), (["--samples", str(10**12)], "--samples"),
+    (["--seed", str(2**64)], "--seed"), (["--seed", str(2**32)], "--seed"),
+    (["--shift", "inf"], "--shift"), (["--out", ""], "--out"), (["--samples", str(10**12)], "--samples"),
     (["--image-samples", "10001"], "--image-samples"), (["--nfe", "4,100000"], "--nfe"),
     (["--bootstrap", str(10**9)], "--bootstrap"), (["--search-iterations", str(10**7)], "--search-iterations"),
     (["--suite", "headline", "--samples", "6000"], "--refine"),  # a refined cell: 12,000 noises

@@ -81,8 +81,9 @@ def inputs(tmp_path):
 @pytest.mark.parametrize(("args", "fragments"), [
     (["--guidance", "nan"], ["--guidance", "finite", "nan"]),
     (["--guidance", "inf"], ["--guidance", "finite"]),
-    (["--seed", "1", "-1"], ["--seed", "0 to 2**64-1", "got -1"]),
+    (["--seed", "1", "-1"], ["--seed", "0 to 2**32-1", "got -1"]),
     (["--seed", str(2**64)], ["--seed", str(2**64)]),
+    (["--seed", str(2**32 + 5)], ["--seed", "0 to 2**32-1"]),  # torch's CPU generator would draw seed 5's noise
     (["--steps", "0"], ["--steps", "from 1 to 1000", "got 0"]),
     (["--steps", "100000"], ["--steps", "from 1 to 1000"]),
     (["--height", "0"], ["--height", "from 1 to 4096", "got 0"]),
@@ -425,9 +426,23 @@ def test_shipped_solver_files_still_load():
     (["--steps", "1"], ["--steps must be integers from 2"]),
     (["--lr", "nan"], ["--lr must be a positive number"]),
     (["--seed", "-1"], ["--seed"]),
+    (["--seed", str(2**32)], ["--seed"]),
 ])
 def test_search_refuses_values_that_would_write_an_unsearched_solver(capsys, tmp_path, args, fragments):
     code, _, err = fewstep(capsys, "search", "--problem", "gmm2d", "--out", tmp_path / "s.json", *args)
+    assert_one_line_error(code, err, *fragments)
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["--model", ":velocity", "--shape", "8"], ["--model ':velocity'", "module:function"]),  # was "Empty module name"
+    (["--model", "mymodel:", "--shape", "8"], ["--model 'mymodel:'", "module:function"]),
+    (["--model", "mymodel:f", "--shape", "99999999999"], ["--shape must be positive integers"]),
+    (["--model", "mymodel:f", "--shape", "100000,100000"], ["--shape", "10,000,000,000 numbers per sample"]),
+    (["--model", "digits", "--mu", "100"], ["--mu", "from -50 to 50"]),  # was a "diverged" search blaming --lr
+])
+def test_search_refuses_a_malformed_velocity_spec_or_shape_in_one_line(capsys, tmp_path, args, fragments):
+    code, _, err = fewstep(capsys, "search", "--steps", "4", "--out", tmp_path / "s.json", *args)
     assert_one_line_error(code, err, *fragments)
     assert files_in(tmp_path) == []
 

@@ -65,6 +65,10 @@ def test_same_seed_gives_identical_bytes_and_several_seeds_several_files(tmp_pat
     (["--prompt", "7", "--scheduler-kwargs", "{\"stages\": 3}"], "no option 'stages'"),
     (["--prompt", "7", "--scheduler", "stork-4", "--scheduler-kwargs", "{\"order\": 2}"], "contradicts"),
     (["--prompt", "7", "--scheduler", "euler", "--scheduler-kwargs", "{\"order\": 2}"], "no option 'order'"),
+    (["--prompt", "7", "--scheduler", "adams", "--scheduler-kwargs", "{\"order\": \"3\"}"],
+     "order must be an integer, got '3'"),  # ran adams3 by the text of the number
+    (["--prompt", "7", "--scheduler", "adams-denoise", "--scheduler-kwargs", "{\"order\": 2.0}"],
+     "--scheduler-kwargs {\"order\": 2.0}: adams-denoise: order must be 2 or 3, got 2.0"),  # was a traceback
 ])
 def test_bad_input_gives_one_clear_line_and_exit_code_2(tmp_path, args, message):
     result = generate_digits(*args, "--output", str(tmp_path / "x.png"))

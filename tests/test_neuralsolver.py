@@ -101,6 +101,13 @@ def _write(tmp_path: Path, **changes) -> Path:
     ({"start": "1"}, "start must be a number, got '1'"),
     ({"steps": {"2": {"timedeltas": [0.4, 0.6], "matrix": [[1.0, 0.0], ["-0.5", 1.5]]}}}, "not a rectangular array"),
     ({"steps": {"2": {"timedeltas": [True, 0.6], "matrix": [[1.0, 0.0], [-0.5, 1.5]]}}}, "not a rectangular array"),
+    # the searched grid, compared with the caller's shift when sampling (was a math domain error there)
+    ({"provenance": {"grid": {"shift": -1}}}, r"provenance.grid: shift must be a number from e\^-50"),
+    ({"provenance": {"grid": {"shift": "abc"}}}, "provenance.grid: shift must be"),
+    ({"provenance": {"grid": {"shift": [3]}}}, "provenance.grid: shift must be"),
+    ({"provenance": {"grid": {"mu": 1000}}}, "provenance.grid: mu must be a finite number from -50 to 50"),
+    ({"provenance": {"grid": {"mu": "x"}}}, "provenance.grid: mu must be"),
+    ({"provenance": {"grid": 3}}, "provenance.grid must be a JSON object"),
 ])
 def test_file_validation_errors_name_file_and_field(tmp_path, change, message):
     path = _write(tmp_path, **change)
@@ -122,3 +129,12 @@ def test_round_trip_and_atomic_save(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["copy.json"]  # no temp file left behind
     with pytest.raises(FileNotFoundError, match="shipped: sit, flowdcn, dit, digits-shift1, digits-shift3"):
         SolverFile.load("nope")
+
+
+def test_exact_float32_takes_a_boolean_only():
+    """The string "no" is truthy: it silently turned float32 rounding on."""
+    from fewstep.errors import InvalidInput
+
+    for bad in ("no", "false", 0, None):
+        with pytest.raises(InvalidInput, match="exact_float32 must be True or False"):
+            fewstep.solvers.get("neuralsolver", solver_file="sit", exact_float32=bad)

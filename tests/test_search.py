@@ -703,9 +703,10 @@ def test_model_that_raises_in_training_fails_in_one_line_and_removes_its_checkpo
     ({"validation": 0}, "validation must be an integer of at least 1"),
     ({"noise": torch.zeros(16, 2, dtype=torch.float64), "validation": 0}, "validation must be an integer"),
     ({"iterations": 0}, "iterations must be an integer of at least 1"),
-    ({"shift": 0.0}, "shift must be a positive number"),
-    ({"shift": float("nan")}, "shift must be a positive number"),
-    ({"mu": float("inf")}, "mu must be a finite number"),
+    ({"shift": 0.0}, r"shift must be a number from e\^-50 to e\^50"),
+    ({"shift": float("nan")}, "shift must be a number from"),
+    ({"mu": float("inf")}, "mu must be a finite number from -50 to 50"),
+    ({"mu": 100.0}, "mu must be a finite number from -50 to 50"),  # was a "diverged" search blaming --lr
     ({"shift": 3.0, "mu": 1.0}, "give shift or mu, not both"),
 ])
 def test_search_refuses_bad_parameters_by_name_before_any_model_call(changes, message):

@@ -191,9 +191,12 @@ def test_stages_buy_no_linear_stability():
     ("stork-4", {"extrapolate": "eps"}, "extrapolate"),
     ("stork-4", {"compat": "official", "derivative_order": 3}, "official"),
     ("stork-2", {"compat": "official", "extrapolate": "data"}, "official"), ("stork-2", {"jump": "last"}, "jump"),
-    ("stork-4", {"compat": "official", "jump": "all"}, "official")])
+    ("stork-4", {"compat": "official", "jump": "all"}, "official"),
+    ("stork-2", {"derivative_order": 2.0}, "derivative_order"), ("stork-2", {"stages": True}, "stages")])
 def test_bad_options(solver, opts, match):
-    with pytest.raises(ValueError, match=match):
+    from fewstep.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=match):
         get(solver, **opts)
 
 

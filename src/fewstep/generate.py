@@ -36,7 +36,7 @@ DEFAULT_SCHEDULER = RECOMMENDED
 MAX_STEPS = 1000  # model calls; more is never few-step sampling and usually a typo
 MAX_SIDE = 4096  # pixels per side, checked before anything is allocated
 DEFAULT_STRENGTH = 0.4  # img2img strength (diffusers' meaning) when an image comes without one
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range for non-negative seeds
+MAX_SEED = 2**32 - 1  # torch's CPU generator (Mersenne Twister) keeps 32 bits: 2**32 + 5 would repeat seed 5
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # output suffix → PIL format
 DEFAULT_EMBEDDED = "fashion"  # the model `fewstep generate` runs when none is named (docs/fashion.md)
 EMBEDDED_NAMES = ("embedded", *EMBEDDED)  # "embedded" = DEFAULT_EMBEDDED; the others name a module in EMBEDDED
@@ -174,6 +174,8 @@ def resolve_scheduler(scheduler: str, kwargs: dict) -> tuple[str, dict]:
     # A family member is "stork-4" or "adams3", not "adams-denoise", whose `order` is an option like any other.
     family = next((f for f in FAMILIES if name == f or re.fullmatch(FAMILIES[f].format(r"\d+"), name)), None)
     order = options.pop("order", None) if family is not None else None
+    if order is not None and not _is_int(order):  # "3" or 3.0 would name "adams3" by its text
+        raise InvalidInput(f"--scheduler-kwargs (scheduler_kwargs) order must be an integer, got {order!r}")
     if order is not None:
         member = FAMILIES[family].format(order)
         if name not in (family, member):
@@ -201,9 +203,9 @@ def build_solver(name: str, options: dict, steps: int) -> Any:
 
     try:
         solver = solvers.get(name, **options)
-    except FewstepError:
+    except InputFileError:  # a solver file that is missing or unreadable names itself
         raise
-    except (TypeError, ValueError) as err:  # the solver's own check of an option value
+    except (TypeError, ValueError) as err:  # the solver's own check of an option value (or of a solver file)
         raise InvalidInput(f"--scheduler-kwargs {json.dumps(options)}: {' '.join(str(err).split())}") from None
     solvers.intervals_for(solver, steps, name)  # StepCountError (an InvalidInput) if it cannot make exactly `steps`
     return solver
@@ -474,7 +476,7 @@ def _check_pipeline_folder(folder: Path, model: str) -> None:
 
 def _check_seed(seed: Any) -> int:
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
-        raise InvalidInput(f"seed (--seed) must be an integer from 0 to 2**64-1, got {seed!r}")
+        raise InvalidInput(f"seed (--seed) must be an integer from 0 to 2**32-1, got {seed!r}")
     return int(seed)
 
 
@@ -622,7 +624,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--steps", type=int, default=None, help=f"model calls, 1-{MAX_STEPS} (default per model: "
                         "embedded 8, schnell 4, dev 25, qwen 20, sd3 28)")
-    parser.add_argument("--seed", type=int, nargs="+", default=[42], help="one image per seed, 0 to 2**64-1 "
+    parser.add_argument("--seed", type=int, nargs="+", default=[42], help="one image per seed, 0 to 2**32-1 "
                         "(default 42)")
     parser.add_argument("--height", type=int, default=None, help=f"pixels, 1-{MAX_SIDE}")
     parser.add_argument("--width", type=int, default=None, help=f"pixels, 1-{MAX_SIDE}")

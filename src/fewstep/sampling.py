@@ -13,7 +13,6 @@ s = σ_t/(α_t+σ_t), x̃ = x/(α_t+σ_t), where dx̃/ds = ε − x0; Euler ther
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 from fewstep import solvers
 from fewstep.entry import enter, epsilon_plan
 from fewstep.errors import InvalidInput, NonFiniteError
-from fewstep.schedules import VPSchedule, flow_sigmas
+from fewstep.schedules import VPSchedule, flow_sigmas, shift_problem
 from fewstep.solvers.plan import Plan, PlanRun, Solver, grid_plan, intervals_for
 from fewstep.solvers.registry import RECOMMENDED
 
@@ -58,10 +57,6 @@ def _all_finite(v: Any) -> bool:
     return bool(torch.isfinite(v).all())
 
 
-def _real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and bool(np.isfinite(value))
-
-
 def resolve_solver(solver: str | Solver, options: dict, prediction: str = "flow") -> tuple[Solver, str]:
     """The solver object and a name for messages; a solver built for one prediction type (a searched NeuralSolver
     file) refuses the other."""
@@ -83,10 +78,9 @@ def resolve_solver(solver: str | Solver, options: dict, prediction: str = "flow"
 def _flow_run(solver: str | Solver, steps: int | None, shift: float, mu: float | None, sigmas: Sequence[float] | None,
               time_shift_type: str, begin_index: int, solver_options: dict) -> Plan:
     obj, name = resolve_solver(solver, solver_options)
-    if not _real(shift) or not shift > 0:
-        raise InvalidInput(f"shift must be a finite number > 0, got {shift!r}")
-    if mu is not None and not (_real(mu) and abs(mu) <= 50):  # e^μ is the time shift: |μ| > 50 is no grid at all
-        raise InvalidInput(f"mu must be a finite number between -50 and 50, got {mu!r}")
+    problem = shift_problem(shift, mu)
+    if problem:
+        raise InvalidInput(problem)
     if sigmas is None:
         grid = flow_sigmas(intervals_for(obj, 8 if steps is None else steps, name), shift, mu,
                            time_shift_type=time_shift_type)

@@ -33,6 +33,21 @@ def time_shift(sigmas: np.ndarray, *, shift: float = 1.0, mu: float | None = Non
 
 
 SPACINGS = ("karras", "exponential", "beta")
+# The time shift is e^μ (or `shift`): beyond e^±50 every σ of the grid rounds to 0 or 1 in float64, no grid at all.
+MAX_MU = 50.0
+MAX_SHIFT = math.exp(MAX_MU)
+
+
+def shift_problem(shift: object = 1.0, mu: object = None) -> str | None:
+    """What is wrong with a time shift `shift` or a dynamic shift `mu` (None: nothing), for an error message."""
+    def real(x: object) -> bool:
+        return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not (real(shift) and 1.0 / MAX_SHIFT <= shift <= MAX_SHIFT):
+        return f"shift must be a number from e^-{MAX_MU:g} to e^{MAX_MU:g} (> 0), got {shift!r}"
+    if mu is not None and not (real(mu) and abs(mu) <= MAX_MU):
+        return f"mu must be a finite number from -{MAX_MU:g} to {MAX_MU:g}, got {mu!r}"
+    return None
 
 
 def respace(hi: float, lo: float, n: int, spacing: str) -> np.ndarray:

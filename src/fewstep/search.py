@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from fewstep.errors import FewstepError, InputFileError, InvalidInput, NonFiniteError
+from fewstep.schedules import shift_problem
 from fewstep.solvers.neuralsolver import SolverFile
 
 LOSSES = ("final", "robust", "reweighted", "trajectory")
@@ -169,6 +170,8 @@ def callable_target(spec: str, shape: Sequence[int] | None) -> Target:
     from fewstep.errors import InvalidInput
 
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise InvalidInput(f"--model {spec!r}: a Python velocity is written module:function (e.g. mymodel:velocity)")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -1104,10 +1107,9 @@ def search_target(target: Target | Sequence[Target], steps: int | Sequence[int],
     if not (isinstance(iterations, (int, np.integer)) and iterations >= 1):
         raise InvalidInput(f"iterations must be an integer of at least 1, got {iterations!r}")
     # The same rules as --shift and --mu: a shift of 0 or NaN would surface as a "diverged" search blaming the lr.
-    if not (np.isfinite(shift) and shift > 0):
-        raise InvalidInput(f"shift must be a positive number, got {shift}")
-    if mu is not None and not np.isfinite(mu):
-        raise InvalidInput(f"mu must be a finite number, got {mu}")
+    problem = shift_problem(shift, mu)
+    if problem:
+        raise InvalidInput(problem)
     if mu is not None and shift != 1.0:
         raise InvalidInput("give shift or mu, not both")
     if loss not in LOSSES:
@@ -1402,6 +1404,7 @@ MAX_SEARCH_STEPS = 50
 MAX_ITERATIONS = 10**6
 MAX_BATCH = 2**16
 MAX_SAMPLES = 10**7
+MAX_SAMPLE_ELEMENTS = 2**24  # --shape: 16 M numbers per sample, 64× a Flux 1024² latent
 MAX_PROMPTS_BYTES = 2**24  # a prompts file: 16 MiB of text is far more prompts than a search uses
 
 
@@ -1475,7 +1478,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", choices=LOSSES, default=DEFAULT_LOSS, help=f"training loss (default {DEFAULT_LOSS})")
     parser.add_argument("--order-cap", action="store_true",
                         help="the paper's cap for N <= 6: the last two steps use only the last two evaluations")
-    parser.add_argument("--seed", type=int, default=0, help="0 to 2**63-1")
+    parser.add_argument("--seed", type=int, default=0, help="0 to 2**32-1 (torch's CPU generator keeps 32 bits)")
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint OUT.ckpt")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar or 'wrote' line")
 
@@ -1505,7 +1508,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InvalidInput(f"--steps must be integers from 2 to {MAX_SEARCH_STEPS}, got {args.steps}")
     for flag, value, low, high in (("--iterations", args.iterations, 1, MAX_ITERATIONS),
                                    ("--batch", 1 if args.batch is None else args.batch, 1, MAX_BATCH),
-                                   ("--seed", args.seed, 0, 2**63 - 1),
+                                   ("--seed", args.seed, 0, 2**32 - 1),
                                    ("--restarts", args.restarts, 1, 16),
                                    ("--teacher-points", args.teacher_points, 2, 10**5)):
         if not low <= value <= high:
@@ -1516,10 +1519,9 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise InvalidInput(f"{flag} must be an integer from {low} to {MAX_SAMPLES}, got {value}")
     if not (np.isfinite(args.lr) and args.lr > 0):
         raise InvalidInput(f"--lr must be a positive number, got {args.lr}")
-    if not (np.isfinite(args.shift) and args.shift > 0):
-        raise InvalidInput(f"--shift must be a positive number, got {args.shift}")
-    if args.mu is not None and not np.isfinite(args.mu):
-        raise InvalidInput(f"--mu must be a finite number, got {args.mu}")
+    for flag, problem in (("--shift", shift_problem(args.shift)), ("--mu", shift_problem(1.0, args.mu))):
+        if problem:
+            raise InvalidInput(f"{flag}: {problem}")
     if args.mu is not None and args.shift != 1.0:
         raise InvalidInput("give --shift or --mu, not both")
     if args.guidance is not None and not (np.isfinite(args.guidance) and args.guidance >= 0):
@@ -1531,9 +1533,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InvalidInput(f"--teacher: {err}") from None
     if args.shape is not None:
         parts = [p.strip() for p in args.shape.split(",")]
-        if not all(p.isdigit() and int(p) > 0 for p in parts):
+        if not all(p.isdigit() and len(p) <= 9 and int(p) > 0 for p in parts):
             raise InvalidInput(f"--shape must be positive integers separated by commas, e.g. 4,64; got {args.shape!r}")
         args.shape = tuple(int(p) for p in parts)
+        if math.prod(args.shape) > MAX_SAMPLE_ELEMENTS:
+            raise InvalidInput(f"--shape {args.shape!r} has {math.prod(args.shape):,} numbers per sample; at most "
+                               f"{MAX_SAMPLE_ELEMENTS:,} (a Flux 1024² latent has 262,144)")
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and not 1 <= value <= 2**16:
             raise InvalidInput(f"{flag} must be a positive number of pixels, got {value}")

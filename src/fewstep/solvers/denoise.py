@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fewstep.errors import InvalidInput
 from fewstep.solvers.adams import gauss_legendre_unit
 from fewstep.solvers.plan import Plan, Row
 from fewstep.solvers.registry import SolverInfo, register
@@ -62,10 +63,10 @@ class AdamsDenoise:
     corrector: bool = True
 
     def __post_init__(self) -> None:
-        if self.order not in (2, 3):
-            raise ValueError(f"adams-denoise: order must be 2 or 3, got {self.order!r}")
+        if isinstance(self.order, bool) or not isinstance(self.order, (int, np.integer)) or self.order not in (2, 3):
+            raise InvalidInput(f"adams-denoise: order must be 2 or 3, got {self.order!r}")
         if not isinstance(self.corrector, bool):
-            raise ValueError(f"adams-denoise: corrector must be True or False, got {self.corrector!r}")
+            raise InvalidInput(f"adams-denoise: corrector must be True or False, got {self.corrector!r}")
 
     def calls(self, intervals: int) -> int:
         return intervals

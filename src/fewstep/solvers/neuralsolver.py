@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from fewstep.errors import InputFileError, InvalidInput
-from fewstep.schedules import VPSchedule
+from fewstep.schedules import VPSchedule, shift_problem
 from fewstep.solvers.plan import Plan, Row, StepCountError
 from fewstep.solvers.registry import SolverInfo, register
 
@@ -82,6 +82,13 @@ class SolverFile:
             fail("no solvers in 'steps'")
         if not isinstance(self.provenance, dict):
             fail(f"'provenance' must be a JSON object, got {type(self.provenance).__name__}")
+        grid = self.provenance.get("grid")
+        if grid is not None:  # the searched grid, which sampling compares with the caller's shift / μ
+            if not isinstance(grid, dict):
+                fail(f"provenance.grid must be a JSON object, got {grid!r}")
+            problem = shift_problem(1.0 if grid.get("shift") is None else grid["shift"], grid.get("mu"))
+            if problem:
+                fail(f"provenance.grid: {problem}")
         if isinstance(self.start, bool) or not isinstance(self.start, (int, float, np.integer, np.floating)):
             fail(f"start must be a number, got {self.start!r}")
         try:
@@ -268,6 +275,8 @@ class NeuralSolver:
 
 def neuralsolver(solver_file: str | os.PathLike | SolverFile = "sit", exact_float32: bool = False) -> NeuralSolver:
     """`solver_file`: a shipped name (`SHIPPED`), a path, or a SolverFile."""
+    if not isinstance(exact_float32, (bool, np.bool_)):  # "no" would be truthy
+        raise InvalidInput(f"neuralsolver: exact_float32 must be True or False, got {exact_float32!r}")
     file = solver_file if isinstance(solver_file, SolverFile) else SolverFile.load(solver_file)
     return NeuralSolver(file, exact_float32)
 

@@ -51,6 +51,7 @@ from importlib import resources
 
 import numpy as np
 
+from fewstep.errors import InvalidInput
 from fewstep.solvers.adams import adams_weights
 from fewstep.solvers.plan import Plan, Row, StepCountError
 from fewstep.solvers.registry import SolverInfo, register
@@ -129,23 +130,25 @@ class Stork:
         if self.extrapolate == "noise":  # the old name of "velocity-noise" (it never meant noise everywhere)
             object.__setattr__(self, "extrapolate", "velocity-noise")
         if self.jump not in ("none", "interior", "all"):
-            raise ValueError(f"jump must be 'none', 'interior' or 'all', got {self.jump!r}")
+            raise InvalidInput(f"jump must be 'none', 'interior' or 'all', got {self.jump!r}")
         if self.compat == "official" and self.jump != "none":
-            raise ValueError("compat='official' has no denoiser jumps (jump='none')")
+            raise InvalidInput("compat='official' has no denoiser jumps (jump='none')")
         allowed = STAGES[self.order]
-        if not isinstance(self.stages, (int, np.integer)) or self.stages not in allowed:
-            raise ValueError(f"stork-{self.order}: stages must be an integer in {allowed.start}..{allowed.stop - 1}"
+        if (isinstance(self.stages, bool) or not isinstance(self.stages, (int, np.integer))
+                or self.stages not in allowed):
+            raise InvalidInput(f"stork-{self.order}: stages must be an integer in {allowed.start}..{allowed.stop - 1}"
                              + (" (rounded up to a tabulated ROCK4 degree)" if self.order == 4 else "")
                              + f", got {self.stages!r}")
-        if self.derivative_order not in (2, 3):
-            raise ValueError(f"derivative_order must be 2 or 3, got {self.derivative_order!r}")
+        if (isinstance(self.derivative_order, bool) or not isinstance(self.derivative_order, (int, np.integer))
+                or self.derivative_order not in (2, 3)):
+            raise InvalidInput(f"derivative_order must be 2 or 3, got {self.derivative_order!r}")
         if self.compat not in (None, "official"):
-            raise ValueError(f"compat must be None (fixed method) or 'official', got {self.compat!r}")
+            raise InvalidInput(f"compat must be None (fixed method) or 'official', got {self.compat!r}")
         if self.extrapolate not in ("velocity", "data", "velocity-noise"):
-            raise ValueError(f"extrapolate must be 'velocity', 'data' or 'velocity-noise' (alias 'noise'), "
+            raise InvalidInput(f"extrapolate must be 'velocity', 'data' or 'velocity-noise' (alias 'noise'), "
                              f"got {self.extrapolate!r}")
         if self.compat == "official" and (self.derivative_order != 2 or self.extrapolate != "velocity"):
-            raise ValueError("compat='official' reproduces only derivative_order=2 with extrapolate='velocity' "
+            raise InvalidInput("compat='official' reproduces only derivative_order=2 with extrapolate='velocity' "
                              "(the official derivative_order=3 formulas are inconsistent, docs/stork.md §Derivatives)")
 
     def calls(self, intervals: int) -> int:
