@@ -113,3 +113,30 @@ def test_options_are_checked():
                        ({"order": True}, "order"), ({"corrector": "yes"}, "corrector")):
         with pytest.raises(InvalidInput, match=match):
             get("adams-denoise", **bad)
+
+
+@pytest.mark.parametrize("array", ["numpy", "torch"])
+def test_stiffness_fallback_switches_exactly_the_stiff_samples(array):
+    """dx/dσ = λ·x per sample: λ = 0.5 is far inside AB2's stability bound h·λ ≤ 2/(1 + r), so that sample is the
+    plain run's bit for bit; λ = 50 is beyond it on every step, so that sample is Euler's (the first step and the
+    jumps are Euler already, their coefficients formed differently: to 1e-12; no corrector runs)."""
+    lam = np.array([0.5, 50.0]).reshape(2, 1)
+    x = np.linspace(0.5, 1.5, 6).reshape(1, 6).repeat(2, axis=0)
+    if array == "torch":
+        lam, x = torch.from_numpy(lam), torch.from_numpy(x)
+
+    def runs(name, **options):
+        return fewstep.sample(lambda y, s: lam * y, x, name, 6, shift=3.0, **options)
+
+    guarded = runs("adams-denoise", corrector=False, stiff_fallback=True)
+    plain, euler = runs("adams-denoise", corrector=False), runs("euler")
+    assert (guarded[0] == plain[0]).all()
+    np.testing.assert_allclose(np.asarray(guarded[1]), np.asarray(euler[1]), rtol=1e-12, atol=0)
+    assert not (plain[0] == euler[0]).any() and not (plain[1] == euler[1]).any()  # three different runs
+
+
+def test_stiffness_fallback_keeps_dtype_and_treats_a_1d_array_as_one_sample():
+    x = torch.linspace(0.5, 1.5, 8, dtype=torch.bfloat16)
+    out = fewstep.sample(lambda y, s: 50.0 * y, x, "adams-denoise", 6, shift=3.0, stiff_fallback=True)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    torch.testing.assert_close(out, fewstep.sample(lambda y, s: 50.0 * y, x, "euler", 6, shift=3.0))

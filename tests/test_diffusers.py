@@ -590,23 +590,47 @@ def noised(z, abar):
 def test_epsilon_mode_is_the_flow_solver_in_flow_coordinates(solver):
     """Independent of `_epsilon_plan`: the flow-mode adapter on the s grid, with the ε-model converted per call
     (x̃ = x·√((1−s)² + s²), v = (ε − x̃)/(1 − s)), gives the same sample."""
+    _epsilon_equals_flow(solver, {}, gaussian_epsilon, torch.randn(1, 64, 4, dtype=torch.float64,
+                                                                   generator=torch.Generator().manual_seed(0)))
+
+
+def guided_gaussian_epsilon(x, t, w=20.0):
+    """Classifier-free guidance w between two Gaussians' exact ε (std 0.05 and C): x̂0 depends on x with gain ~w."""
+    abar = float(ddim_alphas_cumprod()[int(round(float(t)))])
+    alpha, sigma = abar ** 0.5, (1 - abar) ** 0.5
+    cond, free = (sigma * (x - alpha * M) / (alpha ** 2 * std ** 2 + sigma ** 2) for std in (0.05, C))
+    return free + (1 + w) * (cond - free)
+
+
+def test_epsilon_mode_carries_the_stiffness_guard_in_flow_coordinates():
+    """adams-denoise's stiffness fallback tests flow quantities (x̃, v): in ε mode its rows are rewritten like the
+    plan's, and the samples it switches are the flow run's (two noises, strong guidance: it switches some steps)."""
+    z = torch.randn(2, 64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * torch.tensor(
+        [1.0, 3.0], dtype=torch.float64).view(2, 1, 1)
+    guarded = _epsilon_equals_flow("adams-denoise", {"stiff_fallback": True, "corrector": False},
+                                   guided_gaussian_epsilon, z)
+    plain = _epsilon_equals_flow("adams-denoise", {"corrector": False}, guided_gaussian_epsilon, z)
+    assert not torch.allclose(guarded, plain)
+
+
+def _epsilon_equals_flow(solver, options, epsilon, z):
     steps = 8
-    eps_s = FewstepScheduler.from_config(DDIMScheduler().config, solver=solver)
+    eps_s = FewstepScheduler.from_config(DDIMScheduler().config, solver=solver, solver_options=options)
     eps_s.set_timesteps(steps)
     abar = ddim_alphas_cumprod().numpy()
     n = fewstep.solvers.intervals_for(fewstep.solvers.get(solver), steps)
     grid = np.r_[flow_time(abar[(np.arange(n) * (1000 // n))[::-1]]), 0.0]  # DDIM's "leading" nodes as flow times
-    flow_s = FewstepScheduler(solver=solver)
+    flow_s = FewstepScheduler(solver=solver, solver_options=options)
     flow_s.set_timesteps(timesteps=1000 * grid[:-1])
     call_s = fewstep.solvers.grid_plan(fewstep.solvers.get(solver), grid).sigmas  # float64, unlike flow_s.timesteps
-    z = torch.randn(1, 64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     x = noised(z, abar[int(eps_s.timesteps[0])])
     xt = x * (1 - flow_time(abar[int(eps_s.timesteps[0])])) / abar[int(eps_s.timesteps[0])] ** 0.5
-    out = run(eps_s, gaussian_epsilon, x)
+    out = run(eps_s, epsilon, x)
     for t_eps, t_flow, s in zip(eps_s.timesteps, flow_s.timesteps, call_s, strict=True):
         x_vp = xt / ((1 - s) ** 2 + s ** 2) ** 0.5
-        xt = flow_s.step((gaussian_epsilon(x_vp, t_eps) - xt) / (1 - s), t_flow, xt).prev_sample
+        xt = flow_s.step((epsilon(x_vp, t_eps) - xt) / (1 - s), t_flow, xt).prev_sample
     torch.testing.assert_close(out, xt, atol=1e-9, rtol=0)
+    return out
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

@@ -306,6 +306,26 @@ def test_pipeline_config_and_img2img_problems_name_their_source(tmp_path):
         pixart.generate_image(seed=1, prompt="x", config=fs.Config(image_path=str(picture), image_strength=0.5))
 
 
+@pytest.mark.parametrize("distilled", [False, True])
+def test_the_stiffness_fallback_is_for_classifier_free_guidance_only(distilled):
+    """docs/solvers.md, "Strong guidance": FLUX.1-dev's guidance is an input of one call (guidance_embeds), so at 3.5
+    only the corrector goes; a classifier-free guided pipeline also gets the fallback."""
+    import pipelines as tiny
+    from diffusers import FluxTransformer2DModel
+
+    import fewstep as fs
+    from fewstep.generate import DiffusersModel
+
+    flux = tiny.flux()
+    if distilled:
+        flux.transformer = FluxTransformer2DModel.from_config({**flux.transformer.config, "guidance_embeds": True})
+    model = DiffusersModel(flux, "tiny", 2, 3.5)
+    model.progress = False
+    made = model.generate_image(seed=1, prompt="x", config=fs.Config(height=16, width=16))
+    assert made.metadata["solver_options"] == ({"corrector": False} if distilled else
+                                               {"corrector": False, "stiff_fallback": True})
+
+
 @pytest.mark.parametrize("mode,values,top", [("I;16", [0, 1000, 30000, 65535], 65535), ("F", [0.0, 0.25, 0.5, 1.0], 1)])
 def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path, mode, values, top):
     import numpy as np
@@ -355,7 +375,8 @@ def test_strong_guidance_turns_adams_denoise_corrector_off_unless_it_was_chosen(
         return np.asarray(made.image), made.metadata["solver_options"]
 
     default, options = pixels()
-    assert options == ({} if corrector else {"corrector": False})
+    assert options == ({} if corrector else {"corrector": False, "stiff_fallback": True})
     assert np.array_equal(default, pixels(corrector=corrector)[0])
     assert not np.array_equal(default, pixels(corrector=not corrector)[0])
-    assert pixels(corrector=True)[1] == {"corrector": True}  # the user's choice stands
+    assert pixels(corrector=True)[1] == ({"corrector": True} if corrector else {"corrector": True,
+                                                                                 "stiff_fallback": True})

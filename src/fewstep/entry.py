@@ -34,7 +34,7 @@ import math
 import numpy as np
 
 from fewstep.errors import InvalidInput
-from fewstep.solvers.plan import Plan, Row, Solver, grid_plan
+from fewstep.solvers.plan import Guard, Plan, Row, Solver, grid_plan
 
 ENTRY_TOLERANCE = 1e-9  # σ values closer than this are the same grid node (Heun's stage σ = next node ± 1 ulp)
 
@@ -60,15 +60,20 @@ def epsilon_plan(flow: Plan) -> Plan:
     s = flow.sigmas
     k = vp_scale(s)
     k_next = vp_scale(np.r_[s[1:], flow.sigma_end])
-    rows = []
-    for i, row in enumerate(flow.rows):
-        x = {j: a * k[j] / k_next[i] for j, a in row.x.items()}
+
+    def on_vp(row: Row, scale: float = 1.0) -> Row:  # Σ a·x̃_j + Σ b·v_j (times `scale`) in x_j and ε_j
+        x = {j: a * k[j] * scale for j, a in row.x.items()}
         eps = {}
         for j, b in row.v.items():
-            x[j] = x.get(j, 0.0) - b * k[j] / ((1.0 - s[j]) * k_next[i])
-            eps[j] = b / ((1.0 - s[j]) * k_next[i])
-        rows.append(Row(x, eps))
-    return Plan(flow.sigmas, flow.sigma_end, tuple(rows))
+            x[j] = x.get(j, 0.0) - b * k[j] * scale / (1.0 - s[j])
+            eps[j] = b * scale / (1.0 - s[j])
+        return Row(x, eps)
+
+    rows = tuple(on_vp(row, 1.0 / k_next[i]) for i, row in enumerate(flow.rows))
+    # A guard's test is on flow quantities (x̃, v); its fallback is a next state like the row.
+    guards = tuple(None if g is None else Guard(on_vp(g.dx), on_vp(g.dv), g.limit, on_vp(g.fallback, 1.0 / k_next[i]))
+                   for i, g in enumerate(flow.guards))
+    return Plan(flow.sigmas, flow.sigma_end, rows, guards)
 
 
 # --- entering at call k ---------------------------------------------------------------------------------------------
@@ -84,8 +89,12 @@ def begin_index_for_strength(calls: int, strength: float) -> int:
 
 def _restarted(plan: Plan) -> Plan:
     """`plan` after one extra first call whose output is not used (x_1 = x_0)."""
-    rows = tuple(Row({j + 1: c for j, c in row.x.items()}, {j + 1: c for j, c in row.v.items()}) for row in plan.rows)
-    return Plan(np.r_[plan.sigmas[0], plan.sigmas], plan.sigma_end, (Row({0: 1.0}),) + rows)
+    def later(row: Row) -> Row:
+        return Row({j + 1: c for j, c in row.x.items()}, {j + 1: c for j, c in row.v.items()})
+
+    guards = (None, *(None if g is None else g.map(later) for g in plan.guards)) if plan.guards else ()
+    return Plan(np.r_[plan.sigmas[0], plan.sigmas], plan.sigma_end, (Row({0: 1.0}),) + tuple(map(later, plan.rows)),
+                guards)
 
 
 def enter(solver: Solver, grid: np.ndarray, plan: Plan, k: int, name: str = "this solver") -> Plan:

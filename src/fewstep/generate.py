@@ -398,7 +398,9 @@ class DiffusersModel:
         seed = _check_seed(seed)
         pipe = self.pipe
         solver, options = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
-        options = guided_options(solver, options, guidance)
+        # FLUX.1-dev's guidance is an input of one call (guidance_embeds), not classifier-free
+        distilled = bool(getattr(getattr(getattr(pipe, "transformer", None), "config", None), "guidance_embeds", False))
+        options = guided_options(solver, options, guidance, classifier_free=not distilled)
         try:
             pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config, solver=solver, solver_options=options)
         except InvalidInput as err:  # a key of the model's scheduler config, which no flag sets

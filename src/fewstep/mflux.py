@@ -73,6 +73,14 @@ def _shift(sigmas: mx.array, model_config: Any, mu: float) -> mx.array:
     return mx.concatenate([shifted, mx.zeros(1)])
 
 
+def _classifier_free(config: Any) -> bool:
+    """Whether mflux applies the guidance as classifier-free guidance (two transformer calls per step: Qwen-Image),
+    not as an input of one call (FLUX.1-dev's distilled guidance)."""
+    model_config = getattr(config, "model_config", None)
+    names = [getattr(model_config, "model_name", ""), *(getattr(model_config, "aliases", None) or [])]
+    return any("qwen" in str(name).lower() for name in names)
+
+
 def _guidance(config: Any) -> float:
     """The guidance scale the model samples with: mflux's `guidance`, unless the model has none (schnell)."""
     if getattr(getattr(config, "model_config", None), "supports_guidance", None) is False:
@@ -104,7 +112,7 @@ class FewstepScheduler(BaseScheduler):
         self.config = config
         name = type(self).__name__
         self._solver, _ = resolve_solver(self.solver, guided_options(self.solver, self.solver_options(),
-                                                                     _guidance(config)))
+                                                                     _guidance(config), _classifier_free(config)))
         self._name = name
         self._calls = int(config.num_inference_steps)
         self._intervals = intervals_for(self._solver, self._calls, name)

@@ -48,8 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "solvers searched on one problem and grid scored on the others (see --sources)")
     parser.add_argument("--problem", default=None,
                         help="comma-separated problems: gmm2d, gmm8d, gmm-stiff, digits, digits-cfg3, fashion, "
-                             "fashion-cfg3; or 'all' (all but gmm2d); default: gmm8d (table), all (headline, "
-                             "transfer: the targets)")
+                             "fashion-cfg3, and with strong guidance digits-cfg5, digits-cfg7, fashion-cfg5; or "
+                             "'all' (the headline six); default: gmm8d (table), all (headline, transfer: the "
+                             "targets)")
     parser.add_argument("--grid", default=None,
                         help="comma-separated σ grids: shift<X> (e.g. shift1, shift3) or flux1024 (Flux's dynamic μ "
                              "for a 1024² image), or 'all'; default: shift1 (table), all (headline), "

@@ -212,6 +212,10 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {  # name → loader(name, samples
     "digits-cfg3": embedded("fewstep.models.digits", guidance=3.0),
     "fashion": from_module("fewstep.models.fashion"),  # its reference solves ship with the package
     "fashion-cfg3": from_module("fewstep.models.fashion", guidance=3.0),
+    # strong guidance (SD3 samples at 7, Qwen-Image at 4): where two-step formulas go unstable (docs/solvers.md)
+    "digits-cfg5": embedded("fewstep.models.digits", guidance=5.0),
+    "digits-cfg7": embedded("fewstep.models.digits", guidance=7.0),
+    "fashion-cfg5": from_module("fewstep.models.fashion", guidance=5.0),
 }
 HEADLINE_PROBLEMS = ("gmm8d", "gmm-stiff", "digits", "digits-cfg3", "fashion", "fashion-cfg3")  # `--problem all`
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from fewstep.errors import InvalidInput
 from fewstep.solvers.adams import gauss_legendre_unit
-from fewstep.solvers.plan import Plan, Row
+from fewstep.solvers.plan import Guard, Plan, Row
 from fewstep.solvers.registry import SolverInfo, register
 
 JUMP_RATIO = 1.0 + math.sqrt(2.0)  # variable-step BDF2/AB2 zero-stability limit on the step-size ratio
@@ -61,12 +61,15 @@ def jump_steps(grid: np.ndarray) -> np.ndarray:
 class AdamsDenoise:
     order: int = 2
     corrector: bool = True
+    stiff_fallback: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.order, bool) or not isinstance(self.order, (int, np.integer)) or self.order not in (2, 3):
             raise InvalidInput(f"adams-denoise: order must be 2 or 3, got {self.order!r}")
         if not isinstance(self.corrector, bool):
             raise InvalidInput(f"adams-denoise: corrector must be True or False, got {self.corrector!r}")
+        if not isinstance(self.stiff_fallback, bool):
+            raise InvalidInput(f"adams-denoise: stiff_fallback must be True or False, got {self.stiff_fallback!r}")
 
     def calls(self, intervals: int) -> int:
         return intervals
@@ -88,6 +91,7 @@ class AdamsDenoise:
         b_pred = _batch_weights(grid, pred)
         b_corr = _batch_weights(grid, corr)
         rows: list[Row] = []
+        guards: list[Guard | None] = []
         for k in range(n):
             s, t = grid[k], grid[k + 1]
             cx: dict[int, float] = {k: 1.0}  # x^c_k = x_k + Σ cv_j·v_j
@@ -111,23 +115,42 @@ class AdamsDenoise:
                 for j, w in zip(pred[k], b_pred[k], strict=True):
                     rv[j] = rv.get(j, 0.0) - (s - t) * w
             rows.append(Row({j: c for j, c in rx.items() if c != 0.0}, {j: c for j, c in rv.items() if c != 0.0}))
-        return Plan(grid[:-1].copy(), float(grid[-1]), tuple(rows))
+            guards.append(_stiffness_guard(grid, k) if self.stiff_fallback and pred[k] and len(pred[k]) > 1 else None)
+        return Plan(grid[:-1].copy(), float(grid[-1]), tuple(rows), tuple(guards) if self.stiff_fallback else ())
 
 
 # The free corrector assumes a velocity that is smooth along the path; classifier-free guidance w amplifies the
 # difference of two fields w times. Measured on the embedded digits model (256 noises, RMSE, corrector off ÷ on, 4–8
 # calls, shift 1 / 3): guidance 2 0.95–1.14, guidance 3 0.71–0.97 at ≤ 6 calls (1.00–1.14 at 8–10), guidance 4
-# 0.48–1.01, guidance 5 0.44–0.99; fashion at guidance 3 0.82–1.02 at ≤ 6 calls. docs/solvers.md.
+# 0.48–1.01, guidance 5 0.44–0.99; fashion at guidance 3 0.82–1.02 at ≤ 6 calls. With it the stiffness fallback
+# (`_stiffness_guard`): neutral at guidance 3, at 7 it takes 4 calls on shift 3 from 3.0× to 1.04× the best diffusers
+# scheduler. docs/solvers.md, "Strong guidance".
 GUIDANCE_WITHOUT_CORRECTOR = 3.0
 
 
-def guided_options(solver: str, options: dict, guidance: float) -> dict:
-    """`options` with adams-denoise's corrector off for guidance ≥ GUIDANCE_WITHOUT_CORRECTOR, unless `corrector` was
-    given. For front ends that know the guidance scale (`fewstep generate`, `fewstep.mflux`); a diffusers scheduler
-    never sees it."""
-    if solver == "adams-denoise" and "corrector" not in options and guidance >= GUIDANCE_WITHOUT_CORRECTOR:
-        return {**options, "corrector": False}
-    return options
+def guided_options(solver: str, options: dict, guidance: float, classifier_free: bool = True) -> dict:
+    """`options` with adams-denoise's corrector off for guidance ≥ GUIDANCE_WITHOUT_CORRECTOR and, where that guidance
+    is classifier-free (the velocity is (1 + w)·cond − w·uncond, whose gain on x the fallback answers), its stiffness
+    fallback on; each unless given. A guidance-distilled model (FLUX.1-dev: one call, guidance as an input) keeps the
+    plain steps: on mflux's Gaussian-mixture stand-in at dev's 3.5 the fallback took 8 calls from 0.079 to 0.139
+    (a mode switch also changes v fast). For front ends that know the guidance (`fewstep generate`,
+    `fewstep.mflux`); a diffusers scheduler never sees it."""
+    if solver != "adams-denoise" or guidance < GUIDANCE_WITHOUT_CORRECTOR:
+        return options
+    return {"corrector": False, **({"stiff_fallback": True} if classifier_free else {}), **options}
+
+
+def _stiffness_guard(grid: np.ndarray, k: int) -> Guard:
+    """Euler from the state the model saw, x_{k+1} = x_k − h·v_k, for the samples whose last two calls say the step
+    is beyond the two-step Adams formula's stability bound. On dx/dσ = λx (λ > 0 contracts towards σ = 0) the
+    variable-step AB2 step from σ_k is stable for h·λ ≤ 2/(1 + r), r = h_k/h_{k−1} (the root ζ = −1 of its
+    characteristic polynomial; 1 for equal steps, Euler's bound is 2). λ is estimated per sample from the two
+    calls, ‖v_k − v_{k−1}‖ / ‖x_k − x_{k−1}‖ (stiffness detection as in Hairer & Wanner, Solving ODEs II, IV.2). The
+    corrector's move is dropped with it. Classifier-free guidance w makes x̂0 depend on x with a gain of order w, so
+    λ = (1 − ∂x̂0/∂x)/σ grows with w: docs/solvers.md, "Strong guidance"."""
+    h, h_prev = grid[k] - grid[k + 1], grid[k - 1] - grid[k]
+    bound = 2.0 / (1.0 + h / h_prev)
+    return Guard(Row({k: 1.0, k - 1: -1.0}), Row({}, {k: 1.0, k - 1: -1.0}), bound / h, Row.step(k, h, {k: 1.0}))
 
 
 def _batch_weights(grid: np.ndarray, nodes: list[list[int] | None]) -> list[np.ndarray | None]:
@@ -157,6 +180,7 @@ def _batch_weights(grid: np.ndarray, nodes: list[list[int] | None]) -> list[np.n
             out[k] = row
     return out
 
-register(SolverInfo("adams-denoise", lambda order=2, corrector=True: AdamsDenoise(order, corrector),
+register(SolverInfo("adams-denoise", lambda order=2, corrector=True, stiff_fallback=False: AdamsDenoise(
+                        order, corrector, stiff_fallback),
                     "2 (any order: the last step is first order)", 1, "4-12",
                     "Adams + free corrector on v, denoiser (x0) jumps into σ≈0; robust training-free default"))

@@ -9,11 +9,15 @@ seen, so a whole sampling run is described by data:
 and x_n (n = number of calls) is the sample at σ = plan.sigma_end. The coefficients are float64 NumPy numbers; the
 states can be torch tensors of any dtype/shape/device, NumPy arrays or MLX arrays (any array type with `+` and
 `*`). This module imports no torch and no MLX.
+
+A row may carry a `Guard`: per sample (first axis), where ‖Σ dv‖ > limit·‖Σ dx‖ (two more linear combinations of
+what the row may read) the row's `fallback` row is used instead. `adams-denoise` uses it to fall back to Euler where
+a step is beyond the multistep formula's stability bound (docs/solvers.md, "Strong guidance").
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,19 +41,45 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Guard:
+    """Use `fallback` instead of the row for the samples where ‖dv‖ > limit·‖dx‖ (dx, dv: rows, read as
+    Σ a·x + Σ b·v)."""
+
+    dx: Row
+    dv: Row
+    limit: float
+    fallback: Row
+
+    def rows(self) -> tuple[Row, Row, Row]:
+        return self.dx, self.dv, self.fallback
+
+    def map(self, fn: Callable[[Row], Row]) -> Guard:
+        """The same guard with every row rewritten by `fn` (a change of variables or of indices)."""
+        return Guard(fn(self.dx), fn(self.dv), self.limit, fn(self.fallback))
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Where the model is called (`sigmas`, one per call) and how each next state is formed (`rows`)."""
+    """Where the model is called (`sigmas`, one per call) and how each next state is formed (`rows`, and for some rows
+    a `Guard`: `guards` is empty or one entry, None or a Guard, per row)."""
 
     sigmas: np.ndarray
     sigma_end: float
     rows: tuple[Row, ...]
+    guards: tuple[Guard | None, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.rows) != len(self.sigmas):
             raise ValueError(f"plan has {len(self.sigmas)} model calls but {len(self.rows)} rows")
+        if self.guards and len(self.guards) != len(self.rows):
+            raise ValueError(f"plan has {len(self.rows)} rows but {len(self.guards)} guards")
         for i, row in enumerate(self.rows):
-            if any(j > i or j < 0 for j in (*row.x, *row.v)):
+            if any(j > i or j < 0 for r in (row, *self._guard_rows(i)) for j in (*r.x, *r.v)):
                 raise ValueError(f"row {i} refers to a state or model output that does not exist yet")
+
+    def _guard_rows(self, i: int) -> tuple[Row, ...]:
+        guard = self.guards[i] if self.guards else None
+        return guard.rows() if guard is not None else ()
 
     @property
     def calls(self) -> int:
@@ -60,10 +90,11 @@ class Plan:
         last_x: dict[int, int] = {}
         last_v: dict[int, int] = {}
         for i, row in enumerate(self.rows):
-            for j in row.x:
-                last_x[j] = i
-            for j in row.v:
-                last_v[j] = i
+            for r in (row, *self._guard_rows(i)):
+                for j in r.x:
+                    last_x[j] = i
+                for j in r.v:
+                    last_v[j] = i
         return last_x, last_v
 
 
@@ -178,8 +209,8 @@ class PlanRun:
         last_x, last_v = plan.last_use()
         self._x: dict[int, Any] = {}
         self._v: dict[int, Any] = {}
-        self._terms = [[(c, self._x, j) for j, c in row.x.items()] + [(c, self._v, j) for j, c in row.v.items()]
-                       for row in plan.rows]
+        self._terms = [self._row_terms(row) for row in plan.rows]
+        self._guards = [None if g is None else (*map(self._row_terms, g.rows()), g.limit) for g in plan.guards]
         # After row i: drop what no later row reads (x_i / v_i that no row reads at all are dropped at once).
         self._free: list[list[tuple[dict[int, Any], int]]] = [[] for _ in plan.rows]
         for store, last in ((self._x, last_x), (self._v, last_v)):
@@ -194,10 +225,36 @@ class PlanRun:
         the same output tensor every call; Kandinsky 5 writes the step result back into the latents it passed in)."""
         self._x[i] = x_i
         self._v[i] = v_i
-        out = combine([(c, store[j]) for c, store, j in self._terms[i]], dtype)
+        guard = self._guards[i] if self._guards else None
+        if guard is None:
+            out = combine(self._read(self._terms[i]), dtype)
+        else:
+            out = _guarded(*(combine(self._read(t)) for t in (self._terms[i], *guard[:3])), guard[3], dtype)
         for store, j in self._free[i]:
             del store[j]
         for store in (self._x, self._v):
             if i in store:
                 store[i] = _private_copy(store[i])
         return out
+
+    def _row_terms(self, row: Row) -> list[tuple[float, dict[int, Any], int]]:
+        return [(c, self._x, j) for j, c in row.x.items()] + [(c, self._v, j) for j, c in row.v.items()]
+
+    @staticmethod
+    def _read(terms: list[tuple[float, dict[int, Any], int]]) -> list[tuple[float, Any]]:
+        return [(c, store[j]) for c, store, j in terms]
+
+
+def _guarded(out: Any, dx: Any, dv: Any, fallback: Any, limit: float, dtype: Any = None) -> Any:
+    """`out`, with `fallback` in the samples (first axis; all of a 0-D or 1-D array is one sample) where
+    ‖dv‖ > limit·‖dx‖. Only `*`, `-`, `+`, `reshape`, `sum` and a comparison: torch, NumPy and MLX alike."""
+    ndim = len(out.shape)
+    batch = out.shape[0] if ndim >= 2 else 1
+    square = [(d * d).reshape(batch, -1).sum(1) for d in (dx, dv)]
+    switch = (square[1] > (limit * limit) * square[0]).reshape((batch,) + (1,) * (ndim - 1) if ndim >= 2 else
+                                                                (1,) * ndim)
+    switch = switch.to(out.dtype) if hasattr(switch, "to") else switch.astype(out.dtype)
+    out = out * (1 - switch) + fallback * switch  # exactly one of the two in each sample (no out + (fb − out))
+    if dtype is None:
+        return out
+    return out.to(dtype) if hasattr(out, "to") else out.astype(dtype)
