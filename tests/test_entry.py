@@ -179,3 +179,17 @@ def test_begin_index_outside_the_run_is_invalid_input(k):
     plan = fewstep.make_plan("euler", 8)
     with pytest.raises(InvalidInput, match="outside the 8 model calls"):
         enter(get("euler"), np.r_[plan.sigmas, 0.0], plan, k)
+
+
+def test_a_restarted_plan_keeps_its_guards_on_the_shifted_indices():
+    """`_restarted` (a solver that re-plans with one call fewer, e.g. Heun between stages) moves every row one call
+    later; a guarded plan's guards must move with them, or a guard would read the wrong call."""
+    from fewstep.entry import _restarted
+    from fewstep.solvers.plan import Guard, Plan, Row
+
+    guard = Guard(Row({1: 1.0, 0: -1.0}), Row({}, {1: 1.0, 0: -1.0}), 2.0, Row.step(1, 0.5, {1: 1.0}))
+    plan = Plan(np.array([1.0, 0.5]), 0.0, (Row.step(0, 0.5, {0: 1.0}), Row.step(1, 0.5, {1: 1.0})), (None, guard))
+    moved = _restarted(plan)
+    assert moved.guards[:2] == (None, None) and moved.guards[2] == Guard(
+        Row({2: 1.0, 1: -1.0}), Row({}, {2: 1.0, 1: -1.0}), 2.0, Row.step(2, 0.5, {2: 1.0}))
+    assert _restarted(fewstep.make_plan("euler", 4)).guards == ()  # unguarded plans stay unguarded

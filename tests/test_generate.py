@@ -306,24 +306,27 @@ def test_pipeline_config_and_img2img_problems_name_their_source(tmp_path):
         pixart.generate_image(seed=1, prompt="x", config=fs.Config(image_path=str(picture), image_strength=0.5))
 
 
-@pytest.mark.parametrize("distilled", [False, True])
-def test_the_stiffness_fallback_is_for_classifier_free_guidance_only(distilled):
-    """docs/solvers.md, "Strong guidance": FLUX.1-dev's guidance is an input of one call (guidance_embeds), so at 3.5
-    only the corrector goes; a classifier-free guided pipeline also gets the fallback."""
+@pytest.mark.parametrize("build,predictions_per_step,options", [
+    ("flux", 1, {"corrector": False}),  # FLUX.1 takes guidance as an input of one call (or ignores it)
+    ("sd3", 2, {"corrector": False, "stiff_fallback": True}),  # classifier-free: two predictions combined
+    ("qwen_image", 2, {"corrector": False, "stiff_fallback": True}),  # true CFG, with the negative prompt it needs
+])
+def test_the_stiffness_fallback_is_for_classifier_free_guidance_only(build, predictions_per_step, options):
+    """docs/solvers.md, "Strong guidance": at guidance 3.5 the corrector goes; the fallback only where the guidance
+    is classifier-free, which the predictions per step show (SD3 batches its two; Qwen-Image makes two calls, and ran
+    no CFG before generate passed the negative prompt it needs)."""
     import pipelines as tiny
-    from diffusers import FluxTransformer2DModel
 
     import fewstep as fs
     from fewstep.generate import DiffusersModel
 
-    flux = tiny.flux()
-    if distilled:
-        flux.transformer = FluxTransformer2DModel.from_config({**flux.transformer.config, "guidance_embeds": True})
-    model = DiffusersModel(flux, "tiny", 2, 3.5)
+    pipe = getattr(tiny, build)()
+    counter = tiny.CallCounter(pipe.transformer)
+    model = DiffusersModel(pipe, "tiny", 2, 3.5)
     model.progress = False
     made = model.generate_image(seed=1, prompt="x", config=fs.Config(height=16, width=16))
-    assert made.metadata["solver_options"] == ({"corrector": False} if distilled else
-                                               {"corrector": False, "stiff_fallback": True})
+    assert made.metadata["solver_options"] == options
+    assert counter.calls * len(counter.last_kwargs["hidden_states"]) == 2 * predictions_per_step  # 2 steps
 
 
 @pytest.mark.parametrize("mode,values,top", [("I;16", [0, 1000, 30000, 65535], 65535), ("F", [0.0, 0.25, 0.5, 1.0], 1)])
@@ -375,8 +378,7 @@ def test_strong_guidance_turns_adams_denoise_corrector_off_unless_it_was_chosen(
         return np.asarray(made.image), made.metadata["solver_options"]
 
     default, options = pixels()
-    assert options == ({} if corrector else {"corrector": False, "stiff_fallback": True})
+    assert options == ({} if corrector else {"corrector": False, "stiff_fallback": True})  # embedded models: CFG
     assert np.array_equal(default, pixels(corrector=corrector)[0])
     assert not np.array_equal(default, pixels(corrector=not corrector)[0])
-    assert pixels(corrector=True)[1] == ({"corrector": True} if corrector else {"corrector": True,
-                                                                                 "stiff_fallback": True})
+    assert pixels(corrector=True)[1] == {"corrector": True}  # the user's choice stands (and the fallback needs it off)

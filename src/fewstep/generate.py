@@ -398,9 +398,7 @@ class DiffusersModel:
         seed = _check_seed(seed)
         pipe = self.pipe
         solver, options = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
-        # FLUX.1-dev's guidance is an input of one call (guidance_embeds), not classifier-free
-        distilled = bool(getattr(getattr(getattr(pipe, "transformer", None), "config", None), "guidance_embeds", False))
-        options = guided_options(solver, options, guidance, classifier_free=not distilled)
+        options = guided_options(solver, options, guidance, classifier_free=_classifier_free(pipe))
         try:
             pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config, solver=solver, solver_options=options)
         except InvalidInput as err:  # a key of the model's scheduler config, which no flag sets
@@ -414,6 +412,8 @@ class DiffusersModel:
             kwargs["width"] = config.width
         if type(pipe).__name__.startswith("QwenImage"):
             kwargs["true_cfg_scale"] = guidance
+            if guidance > 1:  # diffusers runs Qwen-Image's CFG only with a negative prompt; " " is the model card's
+                kwargs["negative_prompt"] = " "
         else:
             kwargs["guidance_scale"] = guidance
         if config.image_path:
@@ -440,6 +440,13 @@ class DiffusersModel:
                                  "); lower --guidance or check the model")
         image = Image.fromarray((pixels * 255).round().astype(np.uint8))  # as diffusers' numpy_to_pil
         return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance, image, options))
+
+
+def _classifier_free(pipe: Any) -> bool:
+    """Whether the pipeline applies `--guidance` as classifier-free guidance (two predictions combined: SD3, PixArt,
+    Qwen-Image's true CFG): the FLUX.1 family takes it as an input of one call (dev's distilled guidance) or ignores
+    it (schnell)."""
+    return not type(pipe).__name__.startswith("Flux")
 
 
 def quiet_libraries() -> None:

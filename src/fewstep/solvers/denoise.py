@@ -70,6 +70,10 @@ class AdamsDenoise:
             raise InvalidInput(f"adams-denoise: corrector must be True or False, got {self.corrector!r}")
         if not isinstance(self.stiff_fallback, bool):
             raise InvalidInput(f"adams-denoise: stiff_fallback must be True or False, got {self.stiff_fallback!r}")
+        # The bound is the two-step formula's, and the corrector's move is formed for the Adams step it follows.
+        if self.stiff_fallback and (self.corrector or self.order != 2):
+            raise InvalidInput("adams-denoise: stiff_fallback=True needs corrector=False and order=2 (its stability "
+                               "bound is the two-step formula's; the corrector's move assumes that step was taken)")
 
     def calls(self, intervals: int) -> int:
         return intervals
@@ -131,13 +135,15 @@ GUIDANCE_WITHOUT_CORRECTOR = 3.0
 def guided_options(solver: str, options: dict, guidance: float, classifier_free: bool = True) -> dict:
     """`options` with adams-denoise's corrector off for guidance ≥ GUIDANCE_WITHOUT_CORRECTOR and, where that guidance
     is classifier-free (the velocity is (1 + w)·cond − w·uncond, whose gain on x the fallback answers), its stiffness
-    fallback on; each unless given. A guidance-distilled model (FLUX.1-dev: one call, guidance as an input) keeps the
+    fallback on; each unless given (a given corrector=True or order=3 keeps the plain steps: the fallback needs
+    neither). A guidance-distilled model (FLUX.1-dev: one call, guidance as an input) keeps the
     plain steps: on mflux's Gaussian-mixture stand-in at dev's 3.5 the fallback took 8 calls from 0.079 to 0.139
     (a mode switch also changes v fast). For front ends that know the guidance (`fewstep generate`,
     `fewstep.mflux`); a diffusers scheduler never sees it."""
     if solver != "adams-denoise" or guidance < GUIDANCE_WITHOUT_CORRECTOR:
         return options
-    return {"corrector": False, **({"stiff_fallback": True} if classifier_free else {}), **options}
+    fallback = classifier_free and not options.get("corrector", False) and options.get("order", 2) == 2
+    return {"corrector": False, **({"stiff_fallback": True} if fallback else {}), **options}
 
 
 def _stiffness_guard(grid: np.ndarray, k: int) -> Guard:
@@ -145,9 +151,9 @@ def _stiffness_guard(grid: np.ndarray, k: int) -> Guard:
     is beyond the two-step Adams formula's stability bound. On dx/dσ = λx (λ > 0 contracts towards σ = 0) the
     variable-step AB2 step from σ_k is stable for h·λ ≤ 2/(1 + r), r = h_k/h_{k−1} (the root ζ = −1 of its
     characteristic polynomial; 1 for equal steps, Euler's bound is 2). λ is estimated per sample from the two
-    calls, ‖v_k − v_{k−1}‖ / ‖x_k − x_{k−1}‖ (stiffness detection as in Hairer & Wanner, Solving ODEs II, IV.2). The
-    corrector's move is dropped with it. Classifier-free guidance w makes x̂0 depend on x with a gain of order w, so
-    λ = (1 − ∂x̂0/∂x)/σ grows with w: docs/solvers.md, "Strong guidance"."""
+    calls, ‖v_k − v_{k−1}‖ / ‖x_k − x_{k−1}‖ (stiffness detection as in Hairer & Wanner, Solving ODEs II, IV.2); hence
+    order 2 and no corrector (`AdamsDenoise` checks). Classifier-free guidance w makes x̂0 depend on x with a gain of
+    order w, so λ = (1 − ∂x̂0/∂x)/σ grows with w: docs/solvers.md, "Strong guidance"."""
     h, h_prev = grid[k] - grid[k + 1], grid[k - 1] - grid[k]
     bound = 2.0 / (1.0 + h / h_prev)
     return Guard(Row({k: 1.0, k - 1: -1.0}), Row({}, {k: 1.0, k - 1: -1.0}), bound / h, Row.step(k, h, {k: 1.0}))

@@ -250,11 +250,17 @@ def _guarded(out: Any, dx: Any, dv: Any, fallback: Any, limit: float, dtype: Any
     ‖dv‖ > limit·‖dx‖. Only `*`, `-`, `+`, `reshape`, `sum` and a comparison: torch, NumPy and MLX alike."""
     ndim = len(out.shape)
     batch = out.shape[0] if ndim >= 2 else 1
+    if batch == 0:  # an empty batch: nothing to switch (reshape(0, -1) is undefined)
+        return _cast(out, dtype)
     square = [(d * d).reshape(batch, -1).sum(1) for d in (dx, dv)]
-    switch = (square[1] > (limit * limit) * square[0]).reshape((batch,) + (1,) * (ndim - 1) if ndim >= 2 else
-                                                                (1,) * ndim)
-    switch = switch.to(out.dtype) if hasattr(switch, "to") else switch.astype(out.dtype)
-    out = out * (1 - switch) + fallback * switch  # exactly one of the two in each sample (no out + (fb − out))
+    bound = float(limit) ** 2  # a Python float: an MLX comparison stays on MLX
+    switch = (square[1] > bound * square[0]).reshape((batch,) + (1,) * (ndim - 1) if ndim >= 2 else (1,) * ndim)
+    switch = _cast(switch, out.dtype)
+    return _cast(out * (1 - switch) + fallback * switch, dtype)  # per sample one of the two (for finite values)
+
+
+def _cast(a: Any, dtype: Any) -> Any:
+    """`a` in `dtype` (None: as it is): torch's `.to`, NumPy's and MLX's `.astype`."""
     if dtype is None:
-        return out
-    return out.to(dtype) if hasattr(out, "to") else out.astype(dtype)
+        return a
+    return a.to(dtype) if hasattr(a, "to") else a.astype(dtype)
