@@ -110,9 +110,13 @@ def test_options_are_checked():
 
     # InvalidInput (a ValueError): the CLI's one-line errors and callers catching FewstepError see them
     for bad, match in (({"order": 4}, "order"), ({"order": 2.0}, "order must be 2 or 3, got 2.0"),
-                       ({"order": True}, "order"), ({"corrector": "yes"}, "corrector")):
+                       ({"order": True}, "order"), ({"corrector": "yes"}, "corrector"),
+                       ({"stiff_fallback": True, "corrector": True}, "needs corrector off and order=2"),
+                       ({"stiff_fallback": True, "order": 3}, "needs corrector off and order=2")):
         with pytest.raises(InvalidInput, match=match):
             get("adams-denoise", **bad)
+    # the corrector is on unless the fallback, which needs it off, is asked for
+    assert get("adams-denoise").corrector and not get("adams-denoise", stiff_fallback=True).corrector
 
 
 @pytest.mark.parametrize("array", ["numpy", "torch"])

@@ -60,19 +60,21 @@ def jump_steps(grid: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class AdamsDenoise:
     order: int = 2
-    corrector: bool = True
+    corrector: bool | None = None  # None: on, unless stiff_fallback (which needs it off)
     stiff_fallback: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.order, bool) or not isinstance(self.order, (int, np.integer)) or self.order not in (2, 3):
             raise InvalidInput(f"adams-denoise: order must be 2 or 3, got {self.order!r}")
+        if self.corrector is None:
+            object.__setattr__(self, "corrector", not self.stiff_fallback)
         if not isinstance(self.corrector, bool):
             raise InvalidInput(f"adams-denoise: corrector must be True or False, got {self.corrector!r}")
         if not isinstance(self.stiff_fallback, bool):
             raise InvalidInput(f"adams-denoise: stiff_fallback must be True or False, got {self.stiff_fallback!r}")
         # The bound is the two-step formula's, and the corrector's move is formed for the Adams step it follows.
         if self.stiff_fallback and (self.corrector or self.order != 2):
-            raise InvalidInput("adams-denoise: stiff_fallback=True needs corrector=False and order=2 (its stability "
+            raise InvalidInput("adams-denoise: stiff_fallback=True needs corrector off and order=2 (its stability "
                                "bound is the two-step formula's; the corrector's move assumes that step was taken)")
 
     def calls(self, intervals: int) -> int:
@@ -186,7 +188,7 @@ def _batch_weights(grid: np.ndarray, nodes: list[list[int] | None]) -> list[np.n
             out[k] = row
     return out
 
-register(SolverInfo("adams-denoise", lambda order=2, corrector=True, stiff_fallback=False: AdamsDenoise(
+register(SolverInfo("adams-denoise", lambda order=2, corrector=None, stiff_fallback=False: AdamsDenoise(
                         order, corrector, stiff_fallback),
                     "2 (any order: the last step is first order)", 1, "4-12",
                     "Adams + free corrector on v, denoiser (x0) jumps into σ≈0; robust training-free default"))
