@@ -174,7 +174,7 @@ def combine(terms: list[tuple[float, Any]], dtype: Any = None) -> Any:
         out = t0.mul(c0)
     for c, t in rest:
         out.add_(t, alpha=c)
-    return out if dtype is None else out.to(dtype)
+    return _cast(out, dtype)
 
 
 def _combine_operators(terms: list[tuple[float, Any]], dtype: Any = None) -> Any:
@@ -184,7 +184,7 @@ def _combine_operators(terms: list[tuple[float, Any]], dtype: Any = None) -> Any
     for c, t in terms:
         term = t if c == 1.0 else t * float(c)  # a NumPy scalar coefficient as a Python float: no dtype promotion
         out = term if out is None else out + term
-    return out if dtype is None else out.astype(dtype)
+    return _cast(out, dtype)
 
 
 def _private_copy(value: Any) -> Any:
