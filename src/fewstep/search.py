@@ -1487,6 +1487,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     """InvalidInput naming the flag for any value that would make the search fail or write an unsearched solver;
     InputFileError if --out or --teacher-bank cannot be written. Runs before any computation."""
     from fewstep.files import check_output
+    from fewstep.generate import MAX_SEED  # torch's CPU generator keeps 32 bits, as for generate's noise
 
     if args.model is not None and args.problem is not None and args.model != args.problem:
         raise InvalidInput(f"--model {args.model} and --problem {args.problem} disagree; give one")
@@ -1508,7 +1509,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InvalidInput(f"--steps must be integers from 2 to {MAX_SEARCH_STEPS}, got {args.steps}")
     for flag, value, low, high in (("--iterations", args.iterations, 1, MAX_ITERATIONS),
                                    ("--batch", 1 if args.batch is None else args.batch, 1, MAX_BATCH),
-                                   ("--seed", args.seed, 0, 2**32 - 1),
+                                   ("--seed", args.seed, 0, MAX_SEED),
                                    ("--restarts", args.restarts, 1, 16),
                                    ("--teacher-points", args.teacher_points, 2, 10**5)):
         if not low <= value <= high:
