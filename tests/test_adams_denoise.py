@@ -111,12 +111,12 @@ def test_options_are_checked():
     # InvalidInput (a ValueError): the CLI's one-line errors and callers catching FewstepError see them
     for bad, match in (({"order": 4}, "order"), ({"order": 2.0}, "order must be 2 or 3, got 2.0"),
                        ({"order": True}, "order"), ({"corrector": "yes"}, "corrector"),
-                       ({"stiff_fallback": True, "corrector": True}, "needs corrector off and order=2"),
-                       ({"stiff_fallback": True, "order": 3}, "needs corrector off and order=2")):
+                       ({"stiff_fallback": 1}, "stiff_fallback must be True or False"),
+                       ({"stiff_fallback": True, "order": 3}, "needs order=2")):
         with pytest.raises(InvalidInput, match=match):
             get("adams-denoise", **bad)
-    # the corrector is on unless the fallback, which needs it off, is asked for
-    assert get("adams-denoise").corrector and not get("adams-denoise", stiff_fallback=True).corrector
+    # opt-in, and it guards the corrector as well as the Adams step (one does not turn the other off)
+    assert not get("adams-denoise").stiff_fallback and get("adams-denoise", stiff_fallback=True).corrector
 
 
 @pytest.mark.parametrize("array", ["numpy", "torch"])
@@ -144,3 +144,47 @@ def test_stiffness_fallback_keeps_dtype_and_treats_a_1d_array_as_one_sample():
     out = fewstep.sample(lambda y, s: 50.0 * y, x, "adams-denoise", 6, shift=3.0, corrector=False, stiff_fallback=True)
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
     torch.testing.assert_close(out, fewstep.sample(lambda y, s: 50.0 * y, x, "euler", 6, shift=3.0))
+
+
+def test_the_corrector_is_left_out_beyond_its_own_stability_bound():
+    """dx/dσ = λ·x on 40 equal steps (h = 1/40): the AB2 predictor with the three-node Adams–Moulton corrector (no
+    re-evaluation) is stable for h·λ ≤ 6/11, AB2 alone for h·λ ≤ 1. At h·λ = 0.75 the plain run's error grows by
+    about 1.36× a step; the guarded run drops the corrector there (not the Adams step: it is not Euler's run) and
+    stays at the exact solution's size. At h·λ = 0.25 the guard does nothing (bit for bit)."""
+    grid = np.linspace(1.0, 1.0 / 40, 40)
+    x = np.ones((1, 4))
+
+    def runs(lam, name="adams-denoise", **options):
+        return fewstep.sample(lambda y, s: lam * y, x, name, sigmas=grid, **options)
+
+    plain, guarded = runs(30.0), runs(30.0, stiff_fallback=True)
+    assert np.abs(plain).max() > 1e3 and np.abs(guarded).max() < 1e-3
+    assert not np.allclose(guarded, runs(30.0, "euler"), rtol=1e-3, atol=0)
+    np.testing.assert_array_equal(runs(10.0), runs(10.0, stiff_fallback=True))
+
+
+def test_an_expanding_change_is_not_stiffness():
+    """dx/dσ = −λ·x (trajectories that separate, as at a choice between modes): ‖Δv‖/‖Δx‖ = λ is far beyond every
+    bound, but no contracting mode can go unstable; the guard leaves every step as it is."""
+    x = np.linspace(0.5, 1.5, 6).reshape(2, 3)
+    runs = [fewstep.sample(lambda y, s: -30.0 * y, x, "adams-denoise", 6, shift=3.0, stiff_fallback=guard)
+            for guard in (True, False)]
+    np.testing.assert_array_equal(*runs)
+
+
+def test_after_an_euler_fallback_the_next_corrector_is_left_out():
+    """The guard's `after_last` rule on a hand-built plan: a sample that took the last level (Euler) at row 1 takes
+    at least level 1 at row 2 even where row 2's own test would keep the full row; the other sample keeps it."""
+    from fewstep.solvers.plan import Guard, Plan, PlanRun, Row
+
+    test = (Row({1: 1.0, 0: -1.0}), Row({}, {1: 1.0, 0: -1.0})), (Row({2: 1.0, 1: -1.0}), Row({}, {2: 1.0, 1: -1.0}))
+    rows = (Row({0: 1.0}, {0: -0.1}), Row({1: 1.0}, {1: -0.1}), Row({2: 1.0}, {2: -0.1}))
+    guards = (None, Guard(*test[0], ((100.0, Row({1: 1.0}, {1: -0.2})), (5.0, Row({1: 1.0}, {1: -0.3})))),
+              Guard(*test[1], ((100.0, Row({2: 1.0}, {2: -0.2})),), after_last=1))
+    run = PlanRun(Plan(np.array([1.0, 0.9, 0.8]), 0.7, rows, guards))
+    x0 = np.array([[1.0], [1.0]])
+    x1 = run.advance(0, x0, np.array([[1.0], [1.0]]))
+    x2 = run.advance(1, x1, np.array([[1.0], [-1.0]]))  # Δv/Δx: 0 for sample 0, 20 for sample 1 (> 5: Euler)
+    np.testing.assert_allclose(x2, [[0.9 - 0.1], [0.9 + 0.3]])
+    x3 = run.advance(2, x2, x2.copy())  # Δv/Δx: 2 and 7.3, contracting, far inside row 2's limit 100
+    np.testing.assert_allclose(x3, [[0.8 * 0.9], [1.2 * 0.8]])

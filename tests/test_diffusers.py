@@ -607,10 +607,11 @@ def test_epsilon_mode_carries_the_stiffness_guard_in_flow_coordinates():
     plan's, and the samples it switches are the flow run's (two noises, strong guidance: it switches some steps)."""
     z = torch.randn(2, 64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * torch.tensor(
         [1.0, 3.0], dtype=torch.float64).view(2, 1, 1)
-    guarded = _epsilon_equals_flow("adams-denoise", {"stiff_fallback": True, "corrector": False},
-                                   guided_gaussian_epsilon, z)
-    plain = _epsilon_equals_flow("adams-denoise", {"corrector": False}, guided_gaussian_epsilon, z)
-    assert not torch.allclose(guarded, plain)
+    for corrector in (True, False):  # both levels (the corrector's and Euler's), Euler's alone
+        guarded = _epsilon_equals_flow("adams-denoise", {"corrector": corrector, "stiff_fallback": True},
+                                       guided_gaussian_epsilon, z)
+        plain = _epsilon_equals_flow("adams-denoise", {"corrector": corrector}, guided_gaussian_epsilon, z)
+        assert not torch.allclose(guarded, plain)
 
 
 def _epsilon_equals_flow(solver, options, epsilon, z):

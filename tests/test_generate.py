@@ -381,4 +381,7 @@ def test_strong_guidance_turns_adams_denoise_corrector_off_unless_it_was_chosen(
     assert options == ({} if corrector else {"corrector": False, "stiff_fallback": True})  # embedded models: CFG
     assert np.array_equal(default, pixels(corrector=corrector)[0])
     assert not np.array_equal(default, pixels(corrector=not corrector)[0])
-    assert pixels(corrector=True)[1] == {"corrector": True}  # the user's choice stands (and the fallback needs it off)
+    # the user's choice stands; with classifier-free guidance ≥ 3 the fallback then guards the corrector too
+    chosen = {"corrector": True}
+    assert pixels(**chosen)[1] == (chosen if corrector else {**chosen, "stiff_fallback": True})
+    assert pixels(order=3)[1] == ({"order": 3} if corrector else {"corrector": False, "order": 3})  # no fallback at 3

@@ -34,7 +34,7 @@ import math
 import numpy as np
 
 from fewstep.errors import InvalidInput
-from fewstep.solvers.plan import Guard, Plan, Row, Solver, grid_plan
+from fewstep.solvers.plan import Plan, Row, Solver, grid_plan
 
 ENTRY_TOLERANCE = 1e-9  # σ values closer than this are the same grid node (Heun's stage σ = next node ± 1 ulp)
 
@@ -70,8 +70,8 @@ def epsilon_plan(flow: Plan) -> Plan:
         return Row(x, eps)
 
     rows = tuple(on_vp(row, 1.0 / k_next[i]) for i, row in enumerate(flow.rows))
-    # A guard's test is on flow quantities (x̃, v); its fallback is a next state like the row.
-    guards = tuple(None if g is None else Guard(on_vp(g.dx), on_vp(g.dv), g.limit, on_vp(g.fallback, 1.0 / k_next[i]))
+    # A guard's test is on flow quantities (x̃, v); its levels are next states like the row.
+    guards = tuple(None if g is None else g.map(on_vp, lambda row, i=i: on_vp(row, 1.0 / k_next[i]))
                    for i, g in enumerate(flow.guards))
     return Plan(flow.sigmas, flow.sigma_end, rows, guards)
 

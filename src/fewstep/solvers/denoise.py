@@ -60,22 +60,20 @@ def jump_steps(grid: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class AdamsDenoise:
     order: int = 2
-    corrector: bool | None = None  # None: on, unless stiff_fallback (which needs it off)
+    corrector: bool = True
     stiff_fallback: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.order, bool) or not isinstance(self.order, (int, np.integer)) or self.order not in (2, 3):
             raise InvalidInput(f"adams-denoise: order must be 2 or 3, got {self.order!r}")
-        if self.corrector is None:
-            object.__setattr__(self, "corrector", not self.stiff_fallback)
         if not isinstance(self.corrector, bool):
             raise InvalidInput(f"adams-denoise: corrector must be True or False, got {self.corrector!r}")
         if not isinstance(self.stiff_fallback, bool):
             raise InvalidInput(f"adams-denoise: stiff_fallback must be True or False, got {self.stiff_fallback!r}")
         # The bound is the two-step formula's, and the corrector's move is formed for the Adams step it follows.
-        if self.stiff_fallback and (self.corrector or self.order != 2):
-            raise InvalidInput("adams-denoise: stiff_fallback=True needs corrector off and order=2 (its stability "
-                               "bound is the two-step formula's; the corrector's move assumes that step was taken)")
+        if self.stiff_fallback and self.order != 2:
+            raise InvalidInput("adams-denoise: stiff_fallback=True needs order=2 (its stability bounds are the "
+                               "two-step formulas')")
 
     def calls(self, intervals: int) -> int:
         return intervals
@@ -96,33 +94,35 @@ class AdamsDenoise:
         corr = [p + [k + 1] if (self.corrector and p is not None and k + 1 < n) else None for k, p in enumerate(pred)]
         b_pred = _batch_weights(grid, pred)
         b_corr = _batch_weights(grid, corr)
+        def step_row(k: int, cv: dict[int, float]) -> Row:
+            """x_{k+1} from x^c_k = x_k + Σ cv_j·v_j."""
+            s, t = grid[k], grid[k + 1]
+            if pred[k] is None:
+                # x_t = (σ_t/σ_s)·x^c_s + (1 − σ_t/σ_s)·(x_s − σ_s·v_s): x̂0 from the state the model saw.
+                r = t / s
+                rv = {j: r * c for j, c in cv.items()}
+                rv[k] = rv.get(k, 0.0) - (1.0 - r) * s
+                return _row({k: 1.0}, rv)
+            rv = dict(cv)
+            for j, w in zip(pred[k], b_pred[k], strict=True):
+                rv[j] = rv.get(j, 0.0) - (s - t) * w
+            return _row({k: 1.0}, rv)
+
         rows: list[Row] = []
         guards: list[Guard | None] = []
         for k in range(n):
-            s, t = grid[k], grid[k + 1]
-            cx: dict[int, float] = {k: 1.0}  # x^c_k = x_k + Σ cv_j·v_j
             cv: dict[int, float] = {}
             if k > 0 and corr[k - 1] is not None:
                 # x^c_k − x_k = −h·Σ (b̂_j − b_j)·v_j: the Adams–Moulton minus the Adams–Bashforth step from x^c_{k−1}.
-                h_prev = grid[k - 1] - s
+                h_prev = grid[k - 1] - grid[k]
                 for j, w in zip(corr[k - 1], b_corr[k - 1], strict=True):
                     cv[j] = cv.get(j, 0.0) - h_prev * w
                 for j, w in zip(pred[k - 1], b_pred[k - 1], strict=True):
                     cv[j] = cv.get(j, 0.0) + h_prev * w
-            if pred[k] is None:
-                # x_t = (σ_t/σ_s)·x^c_s + (1 − σ_t/σ_s)·(x_s − σ_s·v_s): x̂0 from the state the model saw.
-                r = t / s
-                rx = {j: r * c for j, c in cx.items()}
-                rv = {j: r * c for j, c in cv.items()}
-                rx[k] = rx.get(k, 0.0) + (1.0 - r)
-                rv[k] = rv.get(k, 0.0) - (1.0 - r) * s
-            else:
-                rx, rv = cx, cv
-                for j, w in zip(pred[k], b_pred[k], strict=True):
-                    rv[j] = rv.get(j, 0.0) - (s - t) * w
-            rows.append(Row({j: c for j, c in rx.items() if c != 0.0}, {j: c for j, c in rv.items() if c != 0.0}))
-            guards.append(_stiffness_guard(grid, k) if self.stiff_fallback and pred[k] and len(pred[k]) > 1 else None)
-        return Plan(grid[:-1].copy(), float(grid[-1]), tuple(rows), tuple(guards) if self.stiff_fallback else ())
+            rows.append(step_row(k, cv))
+            if self.stiff_fallback:
+                guards.append(_stiffness_guard(grid, k, pred, step_row(k, {}) if cv else None))
+        return Plan(grid[:-1].copy(), float(grid[-1]), tuple(rows), tuple(guards))
 
 
 # The free corrector assumes a velocity that is smooth along the path; classifier-free guidance w amplifies the
@@ -137,28 +137,51 @@ GUIDANCE_WITHOUT_CORRECTOR = 3.0
 def guided_options(solver: str, options: dict, guidance: float, classifier_free: bool = True) -> dict:
     """`options` with adams-denoise's corrector off for guidance ≥ GUIDANCE_WITHOUT_CORRECTOR and, where that guidance
     is classifier-free (the velocity is (1 + w)·cond − w·uncond, whose gain on x the fallback answers), its stiffness
-    fallback on; each unless given (a given corrector=True or order=3 keeps the plain steps: the fallback needs
-    neither). A guidance-distilled model (FLUX.1-dev: one call, guidance as an input) keeps the
-    plain steps: on mflux's Gaussian-mixture stand-in at dev's 3.5 the fallback took 8 calls from 0.079 to 0.139
-    (a mode switch also changes v fast). For front ends that know the guidance (`fewstep generate`,
+    fallback on; each unless given (a given order=3 keeps the plain steps: the fallback's bounds are order 2's). A
+    guidance-distilled model (FLUX.1-dev: one call, guidance as an input) keeps the plain steps: on mflux's
+    Gaussian-mixture stand-in at dev's 3.5 the fallback took 4 calls from 0.170 to 0.319 and 8 from 0.079 to 0.088
+    (one sample: a whole latent switches at once). For front ends that know the guidance (`fewstep generate`,
     `fewstep.mflux`); a diffusers scheduler never sees it."""
     if solver != "adams-denoise" or guidance < GUIDANCE_WITHOUT_CORRECTOR:
         return options
-    fallback = classifier_free and not options.get("corrector", False) and options.get("order", 2) == 2
+    fallback = classifier_free and options.get("order", 2) == 2
     return {"corrector": False, **({"stiff_fallback": True} if fallback else {}), **options}
 
 
-def _stiffness_guard(grid: np.ndarray, k: int) -> Guard:
-    """Euler from the state the model saw, x_{k+1} = x_k − h·v_k, for the samples whose last two calls say the step
-    is beyond the two-step Adams formula's stability bound. On dx/dσ = λx (λ > 0 contracts towards σ = 0) the
-    variable-step AB2 step from σ_k is stable for h·λ ≤ 2/(1 + r), r = h_k/h_{k−1} (the root ζ = −1 of its
-    characteristic polynomial; 1 for equal steps, Euler's bound is 2). λ is estimated per sample from the two
-    calls, ‖v_k − v_{k−1}‖ / ‖x_k − x_{k−1}‖ (stiffness detection as in Hairer & Wanner, Solving ODEs II, IV.2); hence
-    order 2 and no corrector (`AdamsDenoise` checks). Classifier-free guidance w makes x̂0 depend on x with a gain of
-    order w, so λ = (1 − ∂x̂0/∂x)/σ grows with w: docs/solvers.md, "Strong guidance"."""
-    h, h_prev = grid[k] - grid[k + 1], grid[k - 1] - grid[k]
-    bound = 2.0 / (1.0 + h / h_prev)
-    return Guard(Row({k: 1.0, k - 1: -1.0}), Row({}, {k: 1.0, k - 1: -1.0}), bound / h, Row.step(k, h, {k: 1.0}))
+def _stiffness_guard(grid: np.ndarray, k: int, pred: list[list[int] | None], uncorrected: Row | None
+                     ) -> Guard | None:
+    """Row k (`uncorrected`: the row without its corrector, if it has one) with each of its formulas used only within
+    its stability bound, per sample, for λ estimated from the
+    last two calls, ‖v_k − v_{k−1}‖ / ‖x_k − x_{k−1}‖ (stiffness detection as in Hairer & Wanner, Solving ODEs II,
+    IV.2). On dx/dσ = λx (λ > 0 contracts towards σ = 0), with frozen step ratios (r = h_k/h_{k−1}):
+
+    * the corrector of step k − 1 (the row's x^c_k − x_k): the pair AB2 predictor / three-node Adams–Moulton corrector
+      without re-evaluation is stable for h_{k−1}·λ ≤ 6/(6 + 5r) (its characteristic root −1, 6/11 for equal steps);
+      Euler / trapezoid (Heun's stages) for h·λ ≤ 2. Beyond it: the same row without that correction (level 1).
+    * the Adams step (order 2) is stable for h_k·λ ≤ 2/(1 + r) (root −1; 1 for equal steps). Beyond it: Euler from
+      the state the model saw, x_{k+1} = x_k − h·v_k (level 2, Euler's bound is 2); the next row's corrector, formed
+      for the Adams step, is then left out (`after_last`).
+
+    Classifier-free guidance w makes x̂0 depend on x with a gain of order w, so λ = (1 − ∂x̂0/∂x)/σ grows with w:
+    docs/solvers.md, "Strong guidance"."""
+    levels: list[tuple[float, Row]] = []
+    if uncorrected is not None:
+        h = grid[k - 1] - grid[k]
+        bound = 2.0 if len(pred[k - 1]) == 1 else 6.0 / (6.0 + 5.0 * h / (grid[k - 2] - grid[k - 1]))
+        levels.append((bound / h, uncorrected))
+    if pred[k] is not None and len(pred[k]) > 1:
+        h = grid[k] - grid[k + 1]
+        bound = 2.0 / (1.0 + h / (grid[k - 1] - grid[k]))
+        levels.append((bound / h, Row.step(k, h, {k: 1.0})))
+    if not levels:
+        return None
+    # the row before may have fallen back to Euler: its corrector here is then left out
+    after_last = 1 if uncorrected is not None and len(pred[k - 1]) > 1 else 0
+    return Guard(Row({k: 1.0, k - 1: -1.0}), Row({}, {k: 1.0, k - 1: -1.0}), tuple(levels), after_last)
+
+
+def _row(x: dict[int, float], v: dict[int, float]) -> Row:
+    return Row({j: c for j, c in x.items() if c != 0.0}, {j: c for j, c in v.items() if c != 0.0})
 
 
 def _batch_weights(grid: np.ndarray, nodes: list[list[int] | None]) -> list[np.ndarray | None]:
@@ -188,7 +211,7 @@ def _batch_weights(grid: np.ndarray, nodes: list[list[int] | None]) -> list[np.n
             out[k] = row
     return out
 
-register(SolverInfo("adams-denoise", lambda order=2, corrector=None, stiff_fallback=False: AdamsDenoise(
+register(SolverInfo("adams-denoise", lambda order=2, corrector=True, stiff_fallback=False: AdamsDenoise(
                         order, corrector, stiff_fallback),
                     "2 (any order: the last step is first order)", 1, "4-12",
                     "Adams + free corrector on v, denoiser (x0) jumps into σ≈0; robust training-free default"))

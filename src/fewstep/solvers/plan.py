@@ -10,9 +10,9 @@ and x_n (n = number of calls) is the sample at σ = plan.sigma_end. The coeffici
 states can be torch tensors of any dtype/shape/device, NumPy arrays or MLX arrays (any array type with `+` and
 `*`). This module imports no torch and no MLX.
 
-A row may carry a `Guard`: per sample (first axis), where ‖Σ dv‖ > limit·‖Σ dx‖ (two more linear combinations of
-what the row may read) the row's `fallback` row is used instead. `adams-denoise` uses it to fall back to Euler where
-a step is beyond the multistep formula's stability bound (docs/solvers.md, "Strong guidance").
+A row may carry a `Guard`: per sample (first axis), q = ‖Σ dv‖/‖Σ dx‖ (two more linear combinations of what the
+row may read) picks the row itself or one of the guard's alternative rows. `adams-denoise` uses it to take each
+formula only within its stability bound (docs/solvers.md, "Strong guidance").
 """
 
 from __future__ import annotations
@@ -42,20 +42,29 @@ class Row:
 
 @dataclass(frozen=True)
 class Guard:
-    """Use `fallback` instead of the row for the samples where ‖dv‖ > limit·‖dx‖ (dx, dv: rows, read as
-    Σ a·x + Σ b·v)."""
+    """Per sample, with q = ‖dv‖/‖dx‖ (dx, dv: rows, read as Σ a·x + Σ b·v): the row of the last level whose limit q
+    exceeds (`levels`: (limit, row) pairs), the guarded row itself where q exceeds none. A sample that took the last
+    level of the row before takes at least level `after_last` (1-based; 0: no such rule), for rows whose terms assume
+    what the row before did (a corrector of the step before)."""
 
     dx: Row
     dv: Row
-    limit: float
-    fallback: Row
+    levels: tuple[tuple[float, Row], ...]
+    after_last: int = 0
 
-    def rows(self) -> tuple[Row, Row, Row]:
-        return self.dx, self.dv, self.fallback
+    def __post_init__(self) -> None:
+        if not self.levels or not 0 <= self.after_last <= len(self.levels):
+            raise ValueError(f"a guard needs at least one level and 0 ≤ after_last ≤ {len(self.levels)}")
 
-    def map(self, fn: Callable[[Row], Row]) -> Guard:
-        """The same guard with every row rewritten by `fn` (a change of variables or of indices)."""
-        return Guard(fn(self.dx), fn(self.dv), self.limit, fn(self.fallback))
+    def rows(self) -> tuple[Row, ...]:
+        return (self.dx, self.dv, *(row for _, row in self.levels))
+
+    def map(self, test: Callable[[Row], Row], step: Callable[[Row], Row] | None = None) -> Guard:
+        """The same guard with its test rows rewritten by `test` and its level rows by `step` (default `test`): a
+        change of variables or of indices."""
+        step = step or test
+        return Guard(test(self.dx), test(self.dv), tuple((limit, step(row)) for limit, row in self.levels),
+                     self.after_last)
 
 
 @dataclass(frozen=True)
@@ -210,7 +219,9 @@ class PlanRun:
         self._x: dict[int, Any] = {}
         self._v: dict[int, Any] = {}
         self._terms = [self._row_terms(row) for row in plan.rows]
-        self._guards = [None if g is None else (*map(self._row_terms, g.rows()), g.limit) for g in plan.guards]
+        self._guards = [None if g is None else ([self._row_terms(r) for r in g.rows()], [lim for lim, _ in g.levels],
+                                                g.after_last) for g in plan.guards]
+        self._took_last: Any = None  # per sample: took the last level of the row before (None: that row had no guard)
         # After row i: drop what no later row reads (x_i / v_i that no row reads at all are dropped at once).
         self._free: list[list[tuple[dict[int, Any], int]]] = [[] for _ in plan.rows]
         for store, last in ((self._x, last_x), (self._v, last_v)):
@@ -228,8 +239,12 @@ class PlanRun:
         guard = self._guards[i] if self._guards else None
         if guard is None:
             out = combine(self._read(self._terms[i]), dtype)
+            self._took_last = None
         else:
-            out = _guarded(*(combine(self._read(t)) for t in (self._terms[i], *guard[:3])), guard[3], dtype)
+            terms, limits, after_last = guard
+            dx, dv, *alternatives = (combine(self._read(t)) for t in terms)
+            out, self._took_last = _guarded(combine(self._read(self._terms[i])), dx, dv, alternatives, limits,
+                                            self._took_last if after_last else None, after_last, dtype)
         for store, j in self._free[i]:
             del store[j]
         for store in (self._x, self._v):
@@ -245,18 +260,28 @@ class PlanRun:
         return [(c, store[j]) for c, store, j in terms]
 
 
-def _guarded(out: Any, dx: Any, dv: Any, fallback: Any, limit: float, dtype: Any = None) -> Any:
-    """`out`, with `fallback` in the samples (first axis; all of a 0-D or 1-D array is one sample) where
-    ‖dv‖ > limit·‖dx‖. Only `*`, `-`, `+`, `reshape`, `sum` and a comparison: torch, NumPy and MLX alike."""
+def _guarded(out: Any, dx: Any, dv: Any, alternatives: list[Any], limits: list[float], took_last: Any,
+             after_last: int, dtype: Any = None) -> tuple[Any, Any]:
+    """`out`, with alternative i in the samples (first axis; all of a 0-D or 1-D array is one sample) where
+    ‖dv‖ > limits[i]·‖dx‖ and ⟨dv, dx⟩ > 0 (a contracting change) and no later alternative applies, or where
+    i = after_last − 1 and `took_last` (a 0/1 mask) is set; and the mask of the samples that took the last one.
+    Only `*`, `-`, `+`, `reshape`, `sum` and a comparison: torch, NumPy and MLX alike."""
     ndim = len(out.shape)
     batch = out.shape[0] if ndim >= 2 else 1
     if batch == 0:  # an empty batch: nothing to switch (reshape(0, -1) is undefined)
-        return _cast(out, dtype)
-    square = [(d * d).reshape(batch, -1).sum(1) for d in (dx, dv)]
-    bound = float(limit) ** 2  # a Python float: an MLX comparison stays on MLX
-    switch = (square[1] > bound * square[0]).reshape((batch,) + (1,) * (ndim - 1) if ndim >= 2 else (1,) * ndim)
-    switch = _cast(switch, out.dtype)
-    return _cast(out * (1 - switch) + fallback * switch, dtype)  # per sample one of the two (for finite values)
+        return _cast(out, dtype), None
+    flat = [d.reshape(batch, -1) for d in (dx, dv)]
+    dxx, dvv, dvx = ((a * b).sum(1) for a, b in ((flat[0], flat[0]), (flat[1], flat[1]), (flat[1], flat[0])))
+    shape = (batch,) + (1,) * (ndim - 1) if ndim >= 2 else (1,) * ndim
+    contracting = _cast((dvx > 0).reshape(shape), out.dtype)
+    switch = None
+    for i, (alternative, limit) in enumerate(zip(alternatives, limits, strict=True)):
+        # a Python float bound: an MLX comparison stays on MLX
+        switch = _cast((dvv > float(limit) ** 2 * dxx).reshape(shape), out.dtype) * contracting
+        if took_last is not None and i == after_last - 1:
+            switch = switch + took_last - switch * took_last  # or
+        out = out * (1 - switch) + alternative * switch  # per sample one of the two (for finite values)
+    return _cast(out, dtype), switch
 
 
 def _cast(a: Any, dtype: Any) -> Any:
