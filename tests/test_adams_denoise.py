@@ -102,7 +102,7 @@ def test_default_fewstep_errors_are_pinned():
     assert got == pytest.approx(PINNED, rel=1e-6)
 
 
-PINNED = [2.9264771e-1, 1.7476624e-1, 1.2885391e-1]  # UniPC-2 (diffusers, same grid): 0.304, 0.177, 0.128
+PINNED = [2.9298379e-1, 1.7515890e-1, 1.2850014e-1]  # UniPC-2 (diffusers, same grid): 0.304, 0.177, 0.128
 
 
 def test_options_are_checked():
@@ -112,10 +112,15 @@ def test_options_are_checked():
     for bad, match in (({"order": 4}, "order"), ({"order": 2.0}, "order must be 2 or 3, got 2.0"),
                        ({"order": True}, "order"), ({"corrector": "yes"}, "corrector"),
                        ({"stiff_fallback": 1}, "stiff_fallback must be True or False"),
-                       ({"stiff_fallback": True, "order": 3}, "needs order=2")):
+                       ({"stiff_fallback": True, "order": 3}, "needs order=2"),
+                       ({"corrector_guard": True, "order": 3}, "corrector_guard=True needs order=2"),
+                       ({"corrector_guard": "no"}, "corrector_guard must be True or False"),
+                       ({"stiff_fallback": True, "corrector_guard": False}, "needs corrector_guard")):
         with pytest.raises(InvalidInput, match=match):
             get("adams-denoise", **bad)
-    # opt-in, and it guards the corrector as well as the Adams step (one does not turn the other off)
+    # the corrector's guard is on by default at order 2 (its bound is the two-step pair's); the fallback is opt-in and
+    # guards the corrector as well as the Adams step
+    assert get("adams-denoise").corrector_guard and not get("adams-denoise", order=3).corrector_guard
     assert not get("adams-denoise").stiff_fallback and get("adams-denoise", stiff_fallback=True).corrector
 
 
@@ -148,39 +153,40 @@ def test_stiffness_fallback_keeps_dtype_and_treats_a_1d_array_as_one_sample():
 
 def test_the_corrector_is_left_out_beyond_its_own_stability_bound():
     """dx/dσ = λ·x on 40 equal steps (h = 1/40): the AB2 predictor with the three-node Adams–Moulton corrector (no
-    re-evaluation) is stable for h·λ ≤ 6/11, AB2 alone for h·λ ≤ 1. At h·λ = 0.75 the plain run's error grows by
+    re-evaluation) is stable for h·λ ≤ 6/11, AB2 alone for h·λ ≤ 1. At h·λ = 0.75 the unguarded run's error grows by
     about 1.36× a step; the guarded run drops the corrector there (not the Adams step: it is not Euler's run) and
-    stays at the exact solution's size. At h·λ = 0.25 the guard does nothing (bit for bit)."""
+    stays at the exact solution's size. At h·λ = 0.25 the guards do nothing (bit for bit)."""
     grid = np.linspace(1.0, 1.0 / 40, 40)
     x = np.ones((1, 4))
 
     def runs(lam, name="adams-denoise", **options):
         return fewstep.sample(lambda y, s: lam * y, x, name, sigmas=grid, **options)
 
-    plain, guarded = runs(30.0), runs(30.0, stiff_fallback=True)
-    assert np.abs(plain).max() > 1e3 and np.abs(guarded).max() < 1e-3
-    assert not np.allclose(guarded, runs(30.0, "euler"), rtol=1e-3, atol=0)
-    np.testing.assert_array_equal(runs(10.0), runs(10.0, stiff_fallback=True))
+    plain = runs(30.0, corrector_guard=False)
+    for guarded in (runs(30.0), runs(30.0, stiff_fallback=True)):  # the default guard; with the Euler fallback
+        assert np.abs(plain).max() > 1e3 and np.abs(guarded).max() < 1e-3
+        assert not np.allclose(guarded, runs(30.0, "euler"), rtol=1e-3, atol=0)
+    np.testing.assert_array_equal(runs(10.0, stiff_fallback=True), runs(10.0, corrector_guard=False))
 
 
 def test_an_expanding_change_is_not_stiffness():
     """dx/dσ = −λ·x (trajectories that separate, as at a choice between modes): ‖Δv‖/‖Δx‖ = λ is far beyond every
     bound, but no contracting mode can go unstable; the guard leaves every step as it is."""
     x = np.linspace(0.5, 1.5, 6).reshape(2, 3)
-    runs = [fewstep.sample(lambda y, s: -30.0 * y, x, "adams-denoise", 6, shift=3.0, stiff_fallback=guard)
-            for guard in (True, False)]
+    runs = [fewstep.sample(lambda y, s: -30.0 * y, x, "adams-denoise", 6, shift=3.0, **options)
+            for options in ({"stiff_fallback": True}, {"corrector_guard": False})]
     np.testing.assert_array_equal(*runs)
 
 
 def test_after_an_euler_fallback_the_next_corrector_is_left_out():
-    """The guard's `after_last` rule on a hand-built plan: a sample that took the last level (Euler) at row 1 takes
-    at least level 1 at row 2 even where row 2's own test would keep the full row; the other sample keeps it."""
+    """The guard's `carry` rule on a hand-built plan: a sample that took a level (here Euler) at row 1 takes at least
+    level 1 at row 2 even where row 2's own test would keep the full row; the sample that took none keeps it."""
     from fewstep.solvers.plan import Guard, Plan, PlanRun, Row
 
     test = (Row({1: 1.0, 0: -1.0}), Row({}, {1: 1.0, 0: -1.0})), (Row({2: 1.0, 1: -1.0}), Row({}, {2: 1.0, 1: -1.0}))
     rows = (Row({0: 1.0}, {0: -0.1}), Row({1: 1.0}, {1: -0.1}), Row({2: 1.0}, {2: -0.1}))
     guards = (None, Guard(*test[0], ((100.0, Row({1: 1.0}, {1: -0.2})), (5.0, Row({1: 1.0}, {1: -0.3})))),
-              Guard(*test[1], ((100.0, Row({2: 1.0}, {2: -0.2})),), after_last=1))
+              Guard(*test[1], ((100.0, Row({2: 1.0}, {2: -0.2})),), carry=1))
     run = PlanRun(Plan(np.array([1.0, 0.9, 0.8]), 0.7, rows, guards))
     x0 = np.array([[1.0], [1.0]])
     x1 = run.advance(0, x0, np.array([[1.0], [1.0]]))

@@ -277,17 +277,18 @@ def test_a_near_miss_in_solvers_names_what_was_meant(spec, message):
 
 
 def test_the_generate_row_is_the_recommended_solver_with_generates_options_for_the_guidance():
-    # docs/solvers.md: `fewstep generate` turns adams-denoise's corrector off at guidance ≥ 3; at guidance 1 the row is
-    # adams-denoise itself.
+    # docs/solvers.md: `fewstep generate` turns adams-denoise's stiffness fallback on at classifier-free guidance ≥ 3
+    # and its corrector off at ≥ 4; at guidance 1 the row is adams-denoise itself.
     for name, guidance, same_as in (("gmm2d", 1.0, "adams-denoise"),
-                                    ("digits-cfg3", 3.0, "adams-denoise:corrector=False")):
-        bench = run_bench(name, ["generate", "adams-denoise", "adams-denoise:corrector=False"], [4], samples=12,
-                          peers=False, progress=False)
+                                    ("digits-cfg3", 3.0, "adams-denoise:stiff_fallback=True"),
+                                    ("digits-cfg5", 5.0, "adams-denoise:corrector=False:stiff_fallback=True")):
+        bench = run_bench(name, ["generate", "adams-denoise", same_as], [4], samples=12, peers=False,
+                          progress=False)
         by = {r["solver"]: r["rmse"] for r in bench.rows}
         assert bench.problem.guidance == guidance and by["generate"] == by[same_as]
-        assert by["adams-denoise"] != by["adams-denoise:corrector=False"]
         assert any(note.startswith(f"generate: adams-denoise as `fewstep generate` runs it at this problem's guidance "
                                    f"{guidance:g}") for note in bench.notes)
+    assert by["adams-denoise"] != by[same_as]  # at guidance 5 the options change the run
     assert "generate" not in default_solvers()
 
 

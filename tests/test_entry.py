@@ -188,10 +188,10 @@ def test_a_restarted_plan_keeps_its_guards_on_the_shifted_indices():
     from fewstep.solvers.plan import Guard, Plan, Row
 
     guard = Guard(Row({1: 1.0, 0: -1.0}), Row({}, {1: 1.0, 0: -1.0}),
-                  ((1.0, Row.step(1, 0.5, {1: 1.5, 0: -0.5})), (2.0, Row.step(1, 0.5, {1: 1.0}))), after_last=1)
+                  ((1.0, Row.step(1, 0.5, {1: 1.5, 0: -0.5})), (2.0, Row.step(1, 0.5, {1: 1.0}))), carry=1)
     plan = Plan(np.array([1.0, 0.5]), 0.0, (Row.step(0, 0.5, {0: 1.0}), Row.step(1, 0.5, {1: 1.0})), (None, guard))
     moved = _restarted(plan)
     assert moved.guards[:2] == (None, None) and moved.guards[2] == Guard(
         Row({2: 1.0, 1: -1.0}), Row({}, {2: 1.0, 1: -1.0}),
-        ((1.0, Row.step(2, 0.5, {2: 1.5, 1: -0.5})), (2.0, Row.step(2, 0.5, {2: 1.0}))), after_last=1)
+        ((1.0, Row.step(2, 0.5, {2: 1.5, 1: -0.5})), (2.0, Row.step(2, 0.5, {2: 1.0}))), carry=1)
     assert _restarted(fewstep.make_plan("euler", 4)).guards == ()  # unguarded plans stay unguarded

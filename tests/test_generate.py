@@ -312,7 +312,7 @@ def test_pipeline_config_and_img2img_problems_name_their_source(tmp_path):
     ("qwen_image", 2, {"corrector": False, "stiff_fallback": True}),  # true CFG, with the negative prompt it needs
 ])
 def test_the_stiffness_fallback_is_for_classifier_free_guidance_only(build, predictions_per_step, options):
-    """docs/solvers.md, "Strong guidance": at guidance 3.5 the corrector goes; the fallback only where the guidance
+    """docs/solvers.md, "Strong guidance": at guidance 4.5 the corrector goes; the fallback only where the guidance
     is classifier-free, which the predictions per step show (SD3 batches its two; Qwen-Image makes two calls, and ran
     no CFG before generate passed the negative prompt it needs)."""
     import pipelines as tiny
@@ -322,7 +322,7 @@ def test_the_stiffness_fallback_is_for_classifier_free_guidance_only(build, pred
 
     pipe = getattr(tiny, build)()
     counter = tiny.CallCounter(pipe.transformer)
-    model = DiffusersModel(pipe, "tiny", 2, 3.5)
+    model = DiffusersModel(pipe, "tiny", 2, 4.5)
     model.progress = False
     made = model.generate_image(seed=1, prompt="x", config=fs.Config(height=16, width=16))
     assert made.metadata["solver_options"] == options
@@ -363,8 +363,9 @@ def test_numpy_numbers_are_accepted_where_python_numbers_are():
     assert json.dumps(numpy.metadata)  # plain ints and floats in the metadata
 
 
-@pytest.mark.parametrize("guidance,corrector", [(1.0, True), (2.0, True), (3.0, False), (5.0, False)])
-def test_strong_guidance_turns_adams_denoise_corrector_off_unless_it_was_chosen(guidance, corrector):
+@pytest.mark.parametrize("guidance,chosen", [(1.0, {}), (2.0, {}), (3.0, {"stiff_fallback": True}),
+                                             (5.0, {"corrector": False, "stiff_fallback": True})])
+def test_strong_guidance_turns_adams_denoise_corrector_off_unless_it_was_chosen(guidance, chosen):
     import numpy as np
 
     from fewstep.generate import Config, EmbeddedModel
@@ -378,10 +379,11 @@ def test_strong_guidance_turns_adams_denoise_corrector_off_unless_it_was_chosen(
         return np.asarray(made.image), made.metadata["solver_options"]
 
     default, options = pixels()
-    assert options == ({} if corrector else {"corrector": False, "stiff_fallback": True})  # embedded models: CFG
-    assert np.array_equal(default, pixels(corrector=corrector)[0])
+    assert options == chosen  # embedded models: classifier-free; the fallback from 3, no corrector from 4
+    assert np.array_equal(default, pixels(**chosen)[0])
+    corrector = chosen.get("corrector", True)
     assert not np.array_equal(default, pixels(corrector=not corrector)[0])
     # the user's choice stands; with classifier-free guidance ≥ 3 the fallback then guards the corrector too
-    chosen = {"corrector": True}
-    assert pixels(**chosen)[1] == (chosen if corrector else {**chosen, "stiff_fallback": True})
-    assert pixels(order=3)[1] == ({"order": 3} if corrector else {"corrector": False, "order": 3})  # no fallback at 3
+    assert pixels(corrector=True)[1] == {**chosen, "corrector": True}
+    no_fallback = {k: v for k, v in chosen.items() if k != "stiff_fallback"}  # its bounds are order 2's
+    assert pixels(order=3)[1] == {**no_fallback, "order": 3}

@@ -231,13 +231,17 @@ def test_loop_runs_the_plan(offline, image, name, model):
 
 @pytest.mark.parametrize("model,corrector", [("schnell", True), ("dev", False)])
 def test_the_recommended_solver_drops_its_corrector_for_a_guided_model(model, corrector):
-    """docs/solvers.md: adams-denoise's corrector is off at guidance ≥ 3 (the harness samples dev at 3.5; schnell has
-    no guidance whatever mflux's config says), its stiffness fallback on only for classifier-free guidance (Qwen-Image,
-    not dev's distilled guidance); a class that sets `corrector` keeps it."""
-    built = config(model, 8, "fewstep.mflux.Recommended", guidance=3.5)
+    """docs/solvers.md: adams-denoise's corrector is off at guidance ≥ 4 (schnell has no guidance whatever mflux's
+    config says), its stiffness fallback on from 3 only for classifier-free guidance (Qwen-Image, not dev's distilled
+    guidance); a class that sets `corrector` keeps it."""
+    built = config(model, 8, "fewstep.mflux.Recommended", guidance=4.5)
     assert built.scheduler._solver == solvers.get("adams-denoise", corrector=corrector)
+    assert config(model, 8, "fewstep.mflux.Recommended", guidance=3.5).scheduler._solver == solvers.get(
+        "adams-denoise")  # dev's default 3.5: below 4, and distilled (no fallback)
     qwen = config("qwen-image", 8, "fewstep.mflux.Recommended", guidance=4.0).scheduler._solver
     assert qwen == solvers.get("adams-denoise", corrector=False, stiff_fallback=True)
+    qwen = config("qwen-image", 8, "fewstep.mflux.Recommended", guidance=3.0).scheduler._solver
+    assert qwen == solvers.get("adams-denoise", stiff_fallback=True)  # the fallback guards the corrector too
     assert config(model, 8, "fewstep.mflux.Recommended", guidance=2.0).scheduler._solver.corrector
 
     class WithCorrector(fm.Recommended):

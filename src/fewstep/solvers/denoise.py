@@ -20,6 +20,10 @@ Two step kinds, chosen from the grid alone (the plan is fixed before the first c
   stiff mixture it costs 20–500× the error of Euler. The price: the last step's local error is O(h²), so the
   asymptotic order is 2 whatever `order` is (diffusers' UniPC / DPM++ make the same choice below 15 steps).
 
+Per sample, at run time (`_stiffness_guard`): the corrector is left out where the last two calls put the step beyond
+its own stability bound (`corrector_guard`, on by default: classifier-free guidance makes v stiff), and with
+`stiff_fallback` an Adams step beyond AB2's bound becomes an Euler step.
+
 Measurements and when to use which solver: docs/solvers.md.
 """
 
@@ -61,6 +65,7 @@ def jump_steps(grid: np.ndarray) -> np.ndarray:
 class AdamsDenoise:
     order: int = 2
     corrector: bool = True
+    corrector_guard: bool | None = None  # None: on at order 2 (its bound is the two-step pair's), off at order 3
     stiff_fallback: bool = False
 
     def __post_init__(self) -> None:
@@ -68,12 +73,19 @@ class AdamsDenoise:
             raise InvalidInput(f"adams-denoise: order must be 2 or 3, got {self.order!r}")
         if not isinstance(self.corrector, bool):
             raise InvalidInput(f"adams-denoise: corrector must be True or False, got {self.corrector!r}")
+        if self.corrector_guard is None:
+            object.__setattr__(self, "corrector_guard", self.order == 2)
+        if not isinstance(self.corrector_guard, bool):
+            raise InvalidInput(f"adams-denoise: corrector_guard must be True or False, got {self.corrector_guard!r}")
         if not isinstance(self.stiff_fallback, bool):
             raise InvalidInput(f"adams-denoise: stiff_fallback must be True or False, got {self.stiff_fallback!r}")
-        # The bound is the two-step formula's, and the corrector's move is formed for the Adams step it follows.
-        if self.stiff_fallback and self.order != 2:
-            raise InvalidInput("adams-denoise: stiff_fallback=True needs order=2 (its stability bounds are the "
-                               "two-step formulas')")
+        # The bounds are the two-step formulas'; after an Euler fallback the next corrector must be left out.
+        if (self.stiff_fallback or self.corrector_guard) and self.order != 2:
+            raise InvalidInput(f"adams-denoise: {'stiff_fallback' if self.stiff_fallback else 'corrector_guard'}=True "
+                               "needs order=2 (its stability bounds are the two-step formulas')")
+        if self.stiff_fallback and self.corrector and not self.corrector_guard:
+            raise InvalidInput("adams-denoise: stiff_fallback=True needs corrector_guard (a corrector formed for the "
+                               "Adams step must be left out after an Euler fallback)")
 
     def calls(self, intervals: int) -> int:
         return intervals
@@ -120,47 +132,52 @@ class AdamsDenoise:
                 for j, w in zip(pred[k - 1], b_pred[k - 1], strict=True):
                     cv[j] = cv.get(j, 0.0) + h_prev * w
             rows.append(step_row(k, cv))
-            if self.stiff_fallback:
-                guards.append(_stiffness_guard(grid, k, pred, step_row(k, {}) if cv else None))
-        return Plan(grid[:-1].copy(), float(grid[-1]), tuple(rows), tuple(guards))
+            if self.corrector_guard or self.stiff_fallback:
+                guards.append(_stiffness_guard(grid, k, pred, step_row(k, {}) if cv else None, self.stiff_fallback))
+        return Plan(grid[:-1].copy(), float(grid[-1]), tuple(rows), tuple(guards) if any(guards) else ())
 
 
 # The free corrector assumes a velocity that is smooth along the path; classifier-free guidance w amplifies the
-# difference of two fields w times. Measured on the embedded digits model (256 noises, RMSE, corrector off ÷ on, 4–8
-# calls, shift 1 / 3): guidance 2 0.95–1.14, guidance 3 0.71–0.97 at ≤ 6 calls (1.00–1.14 at 8–10), guidance 4
-# 0.48–1.01, guidance 5 0.44–0.99; fashion at guidance 3 0.82–1.02 at ≤ 6 calls. With it the stiffness fallback
-# (`_stiffness_guard`): neutral at guidance 3, at 7 it takes 4 calls on shift 3 from 3.0× to 1.04× the best diffusers
-# scheduler. docs/solvers.md, "Strong guidance".
-GUIDANCE_WITHOUT_CORRECTOR = 3.0
+# difference of two fields w times. Measured on the embedded digits model (128 noises, seed 11, RMSE ÷ the best
+# diffusers peer, 4 / 5 / 6 / 7 / 8 / 10 calls), both with the stiffness fallback: guidance 3, shift 1, corrector
+# (guarded) 1.02 / .98 / 1.01 / 1.01 / .98 / .97, off .94 / .92 / .96 / .98 / 1.00 / 1.04 (on the headline's cells at
+# guidance 3, digits and fashion: ≤ the best peer in 23 of 42 cells with it, 11 without); guidance 4, shift 1,
+# 1.17 / .99 / 1.02 / 1.00 / 1.03 / .98 with it, 1.00 / .92 / .93 / .92 / .94 / 1.02 off; guidance 5 and 7 off is
+# better still (docs/solvers.md, "Strong guidance"). The fallback: neutral at guidance 3, at 7 it takes 4 calls on
+# shift 3 from 3.0× to 1.04× the best diffusers scheduler.
+GUIDANCE_FALLBACK = 3.0
+GUIDANCE_WITHOUT_CORRECTOR = 4.0
 
 
 def guided_options(solver: str, options: dict, guidance: float, classifier_free: bool = True) -> dict:
-    """`options` with adams-denoise's corrector off for guidance ≥ GUIDANCE_WITHOUT_CORRECTOR and, where that guidance
-    is classifier-free (the velocity is (1 + w)·cond − w·uncond, whose gain on x the fallback answers), its stiffness
-    fallback on; each unless given (a given order=3 keeps the plain steps: the fallback's bounds are order 2's). A
-    guidance-distilled model (FLUX.1-dev: one call, guidance as an input) keeps the plain steps: on mflux's
-    Gaussian-mixture stand-in at dev's 3.5 the fallback took 4 calls from 0.170 to 0.319 and 8 from 0.079 to 0.088
-    (one sample: a whole latent switches at once). For front ends that know the guidance (`fewstep generate`,
+    """`options` with adams-denoise's stiffness fallback on for classifier-free guidance ≥ GUIDANCE_FALLBACK (the
+    velocity is (1 + w)·cond − w·uncond, whose gain on x the fallback answers) and its corrector off for guidance
+    ≥ GUIDANCE_WITHOUT_CORRECTOR; each unless given (a given order=3 keeps the plain steps: the fallback's bounds are
+    order 2's). A guidance-distilled model (FLUX.1-dev: one call, guidance as an input) gets no fallback: on mflux's
+    Gaussian-mixture stand-in at dev's 3.5 (corrector off) it took 4 calls from 0.194 to 0.319 and 8 from 0.063 to
+    0.088 (one sample: a whole latent switches at once). For front ends that know the guidance (`fewstep generate`,
     `fewstep.mflux`); a diffusers scheduler never sees it."""
-    if solver != "adams-denoise" or guidance < GUIDANCE_WITHOUT_CORRECTOR:
+    if solver != "adams-denoise" or guidance < GUIDANCE_FALLBACK:
         return options
-    fallback = classifier_free and options.get("order", 2) == 2
-    return {"corrector": False, **({"stiff_fallback": True} if fallback else {}), **options}
+    chosen: dict = {"corrector": False} if guidance >= GUIDANCE_WITHOUT_CORRECTOR else {}
+    if classifier_free and options.get("order", 2) == 2:
+        chosen["stiff_fallback"] = True
+    return {**chosen, **options}
 
 
-def _stiffness_guard(grid: np.ndarray, k: int, pred: list[list[int] | None], uncorrected: Row | None
-                     ) -> Guard | None:
-    """Row k (`uncorrected`: the row without its corrector, if it has one) with each of its formulas used only within
-    its stability bound, per sample, for λ estimated from the
-    last two calls, ‖v_k − v_{k−1}‖ / ‖x_k − x_{k−1}‖ (stiffness detection as in Hairer & Wanner, Solving ODEs II,
-    IV.2). On dx/dσ = λx (λ > 0 contracts towards σ = 0), with frozen step ratios (r = h_k/h_{k−1}):
+def _stiffness_guard(grid: np.ndarray, k: int, pred: list[list[int] | None], uncorrected: Row | None,
+                     fallback: bool) -> Guard | None:
+    """Row k (`uncorrected`: the row without its corrector, if it has one) with its corrector and, with `fallback`, its
+    Adams step used only within their stability bounds, per sample, for λ estimated from the last two calls,
+    ‖v_k − v_{k−1}‖ / ‖x_k − x_{k−1}‖ where that change contracts (⟨Δv, Δx⟩ > 0; stiffness detection as in Hairer &
+    Wanner, Solving ODEs II, IV.2). On dx/dσ = λx (λ > 0 contracts towards σ = 0), with frozen step ratios
+    (r = h_k/h_{k−1}):
 
     * the corrector of step k − 1 (the row's x^c_k − x_k): the pair AB2 predictor / three-node Adams–Moulton corrector
       without re-evaluation is stable for h_{k−1}·λ ≤ 6/(6 + 5r) (its characteristic root −1, 6/11 for equal steps);
       Euler / trapezoid (Heun's stages) for h·λ ≤ 2. Beyond it: the same row without that correction (level 1).
     * the Adams step (order 2) is stable for h_k·λ ≤ 2/(1 + r) (root −1; 1 for equal steps). Beyond it: Euler from
-      the state the model saw, x_{k+1} = x_k − h·v_k (level 2, Euler's bound is 2); the next row's corrector, formed
-      for the Adams step, is then left out (`after_last`).
+      the state the model saw, x_{k+1} = x_k − h·v_k (level 2, Euler's bound is 2).
 
     Classifier-free guidance w makes x̂0 depend on x with a gain of order w, so λ = (1 − ∂x̂0/∂x)/σ grows with w:
     docs/solvers.md, "Strong guidance"."""
@@ -169,15 +186,17 @@ def _stiffness_guard(grid: np.ndarray, k: int, pred: list[list[int] | None], unc
         h = grid[k - 1] - grid[k]
         bound = 2.0 if len(pred[k - 1]) == 1 else 6.0 / (6.0 + 5.0 * h / (grid[k - 2] - grid[k - 1]))
         levels.append((bound / h, uncorrected))
-    if pred[k] is not None and len(pred[k]) > 1:
+    if fallback and pred[k] is not None and len(pred[k]) > 1:
         h = grid[k] - grid[k + 1]
         bound = 2.0 / (1.0 + h / (grid[k - 1] - grid[k]))
         levels.append((bound / h, Row.step(k, h, {k: 1.0})))
     if not levels:
         return None
-    # the row before may have fallen back to Euler: its corrector here is then left out
-    after_last = 1 if uncorrected is not None and len(pred[k - 1]) > 1 else 0
-    return Guard(Row({k: 1.0, k - 1: -1.0}), Row({}, {k: 1.0, k - 1: -1.0}), tuple(levels), after_last)
+    # A sample that left out its corrector or fell back to Euler at the row before leaves out this corrector too: after
+    # Euler it is formed for a step not taken, and h·λ grows along a run (λ ~ 1/σ near the data, and h/σ grows on
+    # every pipeline grid), so a bound exceeded once stays exceeded; the estimate alone is noisy at few steps.
+    carry = 1 if uncorrected is not None else 0
+    return Guard(Row({k: 1.0, k - 1: -1.0}), Row({}, {k: 1.0, k - 1: -1.0}), tuple(levels), carry)
 
 
 def _row(x: dict[int, float], v: dict[int, float]) -> Row:
@@ -211,7 +230,8 @@ def _batch_weights(grid: np.ndarray, nodes: list[list[int] | None]) -> list[np.n
             out[k] = row
     return out
 
-register(SolverInfo("adams-denoise", lambda order=2, corrector=True, stiff_fallback=False: AdamsDenoise(
-                        order, corrector, stiff_fallback),
+register(SolverInfo("adams-denoise", lambda order=2, corrector=True, corrector_guard=None, stiff_fallback=False:
+                    AdamsDenoise(order, corrector, corrector_guard, stiff_fallback),
                     "2 (any order: the last step is first order)", 1, "4-12",
-                    "Adams + free corrector on v, denoiser (x0) jumps into σ≈0; robust training-free default"))
+                    "Adams + free corrector on v (per sample within its stability bound), denoiser (x0) jumps into "
+                    "σ≈0; robust training-free default"))

@@ -43,18 +43,18 @@ class Row:
 @dataclass(frozen=True)
 class Guard:
     """Per sample, with q = ‖dv‖/‖dx‖ (dx, dv: rows, read as Σ a·x + Σ b·v): the row of the last level whose limit q
-    exceeds (`levels`: (limit, row) pairs), the guarded row itself where q exceeds none. A sample that took the last
-    level of the row before takes at least level `after_last` (1-based; 0: no such rule), for rows whose terms assume
-    what the row before did (a corrector of the step before)."""
+    exceeds (`levels`: (limit, row) pairs) where the change contracts (⟨dv, dx⟩ > 0), the guarded row itself
+    otherwise. A sample that took any level at the row before takes at least level `carry` here (1-based; 0: no such
+    rule), for rows whose terms assume what the row before did, or whose bound that row already found exceeded."""
 
     dx: Row
     dv: Row
     levels: tuple[tuple[float, Row], ...]
-    after_last: int = 0
+    carry: int = 0
 
     def __post_init__(self) -> None:
-        if not self.levels or not 0 <= self.after_last <= len(self.levels):
-            raise ValueError(f"a guard needs at least one level and 0 ≤ after_last ≤ {len(self.levels)}")
+        if not self.levels or not 0 <= self.carry <= len(self.levels):
+            raise ValueError(f"a guard needs at least one level and 0 ≤ carry ≤ {len(self.levels)}")
 
     def rows(self) -> tuple[Row, ...]:
         return (self.dx, self.dv, *(row for _, row in self.levels))
@@ -64,7 +64,7 @@ class Guard:
         change of variables or of indices."""
         step = step or test
         return Guard(test(self.dx), test(self.dv), tuple((limit, step(row)) for limit, row in self.levels),
-                     self.after_last)
+                     self.carry)
 
 
 @dataclass(frozen=True)
@@ -220,8 +220,8 @@ class PlanRun:
         self._v: dict[int, Any] = {}
         self._terms = [self._row_terms(row) for row in plan.rows]
         self._guards = [None if g is None else ([self._row_terms(r) for r in g.rows()], [lim for lim, _ in g.levels],
-                                                g.after_last) for g in plan.guards]
-        self._took_last: Any = None  # per sample: took the last level of the row before (None: that row had no guard)
+                                                g.carry) for g in plan.guards]
+        self._switched: Any = None  # per sample: took a level at the row before (None: that row had no guard)
         # After row i: drop what no later row reads (x_i / v_i that no row reads at all are dropped at once).
         self._free: list[list[tuple[dict[int, Any], int]]] = [[] for _ in plan.rows]
         for store, last in ((self._x, last_x), (self._v, last_v)):
@@ -239,12 +239,12 @@ class PlanRun:
         guard = self._guards[i] if self._guards else None
         if guard is None:
             out = combine(self._read(self._terms[i]), dtype)
-            self._took_last = None
+            self._switched = None
         else:
-            terms, limits, after_last = guard
+            terms, limits, carry = guard
             dx, dv, *alternatives = (combine(self._read(t)) for t in terms)
-            out, self._took_last = _guarded(combine(self._read(self._terms[i])), dx, dv, alternatives, limits,
-                                            self._took_last if after_last else None, after_last, dtype)
+            out, self._switched = _guarded(combine(self._read(self._terms[i])), dx, dv, alternatives, limits,
+                                           self._switched if carry else None, carry, dtype)
         for store, j in self._free[i]:
             del store[j]
         for store in (self._x, self._v):
@@ -260,11 +260,11 @@ class PlanRun:
         return [(c, store[j]) for c, store, j in terms]
 
 
-def _guarded(out: Any, dx: Any, dv: Any, alternatives: list[Any], limits: list[float], took_last: Any,
-             after_last: int, dtype: Any = None) -> tuple[Any, Any]:
+def _guarded(out: Any, dx: Any, dv: Any, alternatives: list[Any], limits: list[float], switched: Any, carry: int,
+             dtype: Any = None) -> tuple[Any, Any]:
     """`out`, with alternative i in the samples (first axis; all of a 0-D or 1-D array is one sample) where
     ‖dv‖ > limits[i]·‖dx‖ and ⟨dv, dx⟩ > 0 (a contracting change) and no later alternative applies, or where
-    i = after_last − 1 and `took_last` (a 0/1 mask) is set; and the mask of the samples that took the last one.
+    i = carry − 1 and `switched` (a 0/1 mask) is set; and the mask of the samples that took an alternative.
     Only `*`, `-`, `+`, `reshape`, `sum` and a comparison: torch, NumPy and MLX alike."""
     ndim = len(out.shape)
     batch = out.shape[0] if ndim >= 2 else 1
@@ -274,14 +274,20 @@ def _guarded(out: Any, dx: Any, dv: Any, alternatives: list[Any], limits: list[f
     dxx, dvv, dvx = ((a * b).sum(1) for a, b in ((flat[0], flat[0]), (flat[1], flat[1]), (flat[1], flat[0])))
     shape = (batch,) + (1,) * (ndim - 1) if ndim >= 2 else (1,) * ndim
     contracting = _cast((dvx > 0).reshape(shape), out.dtype)
-    switch = None
+    taken = None
     for i, (alternative, limit) in enumerate(zip(alternatives, limits, strict=True)):
         # a Python float bound: an MLX comparison stays on MLX
         switch = _cast((dvv > float(limit) ** 2 * dxx).reshape(shape), out.dtype) * contracting
-        if took_last is not None and i == after_last - 1:
-            switch = switch + took_last - switch * took_last  # or
+        if switched is not None and i == carry - 1:
+            switch = _or(switch, switched)
         out = out * (1 - switch) + alternative * switch  # per sample one of the two (for finite values)
-    return _cast(out, dtype), switch
+        taken = switch if taken is None else _or(taken, switch)
+    return _cast(out, dtype), taken
+
+
+def _or(a: Any, b: Any) -> Any:
+    """The union of two 0/1 masks, with arithmetic alone."""
+    return a + b - a * b
 
 
 def _cast(a: Any, dtype: Any) -> Any:
