@@ -194,3 +194,12 @@ def test_after_an_euler_fallback_the_next_corrector_is_left_out():
     np.testing.assert_allclose(x2, [[0.9 - 0.1], [0.9 + 0.3]])
     x3 = run.advance(2, x2, x2.copy())  # Δv/Δx: 2 and 7.3, contracting, far inside row 2's limit 100
     np.testing.assert_allclose(x3, [[0.8 * 0.9], [1.2 * 0.8]])
+
+
+@pytest.mark.parametrize("solver", ["adams-denoise", "euler"])
+def test_a_0d_numpy_sample_runs_like_a_one_element_array(solver):
+    """NumPy arithmetic on 0-D arrays returns scalars (the model's output and the guard's blend): the run keeps a
+    0-D array and gives the one-element array's numbers."""
+    runs = [fewstep.sample(lambda y, s: 2.0 * y, x, solver, 6, shift=3.0) for x in (np.array(0.7), np.array([0.7]))]
+    assert isinstance(runs[0], np.ndarray) and runs[0].shape == ()
+    np.testing.assert_array_equal(runs[0], runs[1][0])

@@ -387,3 +387,6 @@ def test_strong_guidance_turns_adams_denoise_corrector_off_unless_it_was_chosen(
     assert pixels(corrector=True)[1] == {**chosen, "corrector": True}
     no_fallback = {k: v for k, v in chosen.items() if k != "stiff_fallback"}  # its bounds are order 2's
     assert pixels(order=3)[1] == {**no_fallback, "order": 3}
+    # the fallback needs the corrector's guard: a given corrector_guard=False keeps it off, unless there is no corrector
+    unguarded = pixels(corrector_guard=False)[1]
+    assert unguarded == {**(no_fallback if guidance < 4 else chosen), "corrector_guard": False}

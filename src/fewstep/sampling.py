@@ -185,6 +185,8 @@ def execute(plan: Plan, model: Callable[[Any, float], Any], x: Any, *, times: Se
     for i in tqdm(range(plan.calls), desc=desc, unit="call", disable=not progress, leave=False):
         t = float(times[i])
         out = model(_cast(x, in_dtype), t)
+        if isinstance(out, np.generic) and _is_numpy(x):  # NumPy arithmetic on a 0-D array returns a scalar
+            out = np.asarray(out)
         where = f"at call {i + 1} of {plan.calls} ({'sigma' if times is plan.sigmas else 't'}={t:.6g})"
         if getattr(out, "shape", None) is None or tuple(out.shape) != shape:
             got = f"shape {tuple(out.shape)}" if getattr(out, "shape", None) is not None else type(out).__name__

@@ -160,7 +160,10 @@ def guided_options(solver: str, options: dict, guidance: float, classifier_free:
     if solver != "adams-denoise" or guidance < GUIDANCE_FALLBACK:
         return options
     chosen: dict = {"corrector": False} if guidance >= GUIDANCE_WITHOUT_CORRECTOR else {}
-    if classifier_free and options.get("order", 2) == 2:
+    corrector = options.get("corrector", "corrector" not in chosen)
+    # the fallback needs the corrector's guard where there is a corrector: a given corrector_guard=False keeps it off
+    guardable = not corrector or options.get("corrector_guard") is not False
+    if classifier_free and options.get("order", 2) == 2 and guardable:
         chosen["stiff_fallback"] = True
     return {**chosen, **options}
 

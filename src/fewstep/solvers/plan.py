@@ -163,7 +163,7 @@ def combine(terms: list[tuple[float, Any]], dtype: Any = None) -> Any:
     """
     (c0, t0), rest = terms[0], terms[1:]
     if isinstance(t0, np.ndarray):
-        out = t0 * c0
+        out = np.asarray(t0 * c0)  # a 0-D product is a NumPy scalar, which `+=` would not update in place
         for c, t in rest:
             out += c * t
         return out
@@ -282,6 +282,8 @@ def _guarded(out: Any, dx: Any, dv: Any, alternatives: list[Any], limits: list[f
             switch = _or(switch, switched)
         out = out * (1 - switch) + alternative * switch  # per sample one of the two (for finite values)
         taken = switch if taken is None else _or(taken, switch)
+    if isinstance(dx, np.ndarray):  # NumPy arithmetic on 0-D arrays gives scalars
+        out = np.asarray(out)
     return _cast(out, dtype), taken
 
 
