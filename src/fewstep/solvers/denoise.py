@@ -106,6 +106,7 @@ class AdamsDenoise:
         corr = [p + [k + 1] if (self.corrector and p is not None and k + 1 < n) else None for k, p in enumerate(pred)]
         b_pred = _batch_weights(grid, pred)
         b_corr = _batch_weights(grid, corr)
+
         def step_row(k: int, cv: dict[int, float]) -> Row:
             """x_{k+1} from x^c_k = x_k + Σ cv_j·v_j."""
             s, t = grid[k], grid[k + 1]
