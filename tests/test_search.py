@@ -752,3 +752,35 @@ def test_failed_start_keeps_a_checkpoint_it_did_not_write(tmp_path, capsys):
     assert _cli(*_FAST, "--teacher-bank", tmp_path / "notabank", "--out", out) == 2
     _one_line_error(capsys, "not a teacher bank")
     assert ckpt.read_bytes() == b"an earlier search" and not out.exists()
+
+
+_GROUP_THREADS = """
+import glob
+import torch
+from fewstep.search import _process_group
+with _process_group():
+    torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)  # the search's optimizer: imports torch._dynamo
+print(sorted(open(task + "/comm").read().strip() for task in glob.glob("/proc/self/task/*")))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
+def test_the_search_process_group_is_freed_before_interpreter_exit():
+    """Two gloo processes (torchrun's environment variables, set by hand): when the search's process group ends, gloo's
+    threads are gone. Left running, they were torn down at interpreter exit and aborted a process now and then."""
+    import ast
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", _GROUP_THREADS], env={**env, "RANK": str(r)}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
+    for proc in ranks:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        threads = ast.literal_eval(out.strip().splitlines()[-1])
+        assert threads and not [t for t in threads if "gloo" in t], threads

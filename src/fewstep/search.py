@@ -37,6 +37,7 @@ Also the `fewstep search` subcommand (`add_arguments`, `run`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import functools
@@ -50,7 +51,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1600,6 +1601,33 @@ def checkpoint_path(out: str | os.PathLike) -> str:
     return os.fspath(out) + ".ckpt"
 
 
+@contextlib.contextmanager
+def _process_group() -> Iterator[None]:
+    """Under torchrun (WORLD_SIZE > 1): the default process group for the block, gloo on CPU and nccl on GPU,
+    destroyed after it.
+
+    torch._dynamo is imported first. torch.optim imports it at the first optimizer, and imported after
+    init_process_group it keeps a reference to the default group: destroy_process_group then frees nothing, and
+    gloo's threads are torn down at interpreter exit, where a peer closing its sockets at the same moment aborts the
+    process ("terminate called without an active exception"; 1 run in about 50 on a loaded 2-core machine, after
+    the solver file was written)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    import torch
+    import torch._dynamo  # noqa: F401  (see above)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # the caller's group: theirs to destroy
+        yield
+        return
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 class _SigintStop:
     """While active, the first Ctrl-C asks the search to stop at the next iteration boundary (it then saves its
     checkpoint and raises); a second one interrupts at once."""
@@ -1649,16 +1677,10 @@ def run(args: argparse.Namespace) -> int:
     if args.fresh and os.environ.get("RANK", "0") == "0":
         Path(ckpt).unlink(missing_ok=True)
     log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:  # torchrun: one process per rank, gloo on CPU, nccl on GPU
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, _ = _world()
-    if rank != 0:
-        log = lambda text: None  # noqa: E731
-    try:
+    with _process_group():
+        rank, _ = _world()
+        if rank != 0:
+            log = lambda text: None  # noqa: E731
         with _SigintStop() as stop:
             try:
                 result = search_target(target, args.steps, samples=args.samples, validation=args.validation,
@@ -1693,12 +1715,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {','.join(p['steps'])}-step solver for {args.model} to {args.out}: model calls "
                   f"{calls['total']:,} (teacher {calls['teacher']:,}, training {calls['training']:,}, validation "
                   f"{calls['validation']:,}; {p['processes']} process(es)), {p['seconds']} s")
-    finally:
-        if distributed:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
     return 0
 
 
