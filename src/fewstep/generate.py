@@ -36,6 +36,7 @@ DEFAULT_SCHEDULER = RECOMMENDED
 MAX_STEPS = 1000  # model calls; more is never few-step sampling and usually a typo
 MAX_SIDE = 4096  # pixels per side, checked before anything is allocated
 DEFAULT_STRENGTH = 0.4  # img2img strength (diffusers' meaning) when an image comes without one
+MFLUX_IMAGE_STRENGTH = 0.4  # mflux's --image-strength default (its meaning: higher = closer to the input)
 MAX_SEED = 2**32 - 1  # torch's CPU generator (Mersenne Twister) keeps 32 bits: 2**32 + 5 would repeat seed 5
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # output suffix → PIL format
 DEFAULT_EMBEDDED = "fashion"  # the model `fewstep generate` runs when none is named (docs/fashion.md)
@@ -644,12 +645,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='JSON solver options, e.g. \'{"order": 2}\', \'{"stages": 9}\' or '
                              '\'{"solver_file": "my.json"}\' (neuralsolver)')
     parser.add_argument("--image", nargs="+", metavar=("PATH", "STRENGTH"), default=None,
-                        help="img2img from PATH; STRENGTH in (0, 1] with diffusers' meaning (default 0.4)")
+                        help=f"img2img from PATH; STRENGTH in (0, 1] with diffusers' meaning (default "
+                             f"{DEFAULT_STRENGTH:g})")
     parser.add_argument("--strength", type=float, default=None,
                         help="img2img strength with diffusers' meaning (same as --image's STRENGTH)")
     parser.add_argument("--image-path", default=None, metavar="PATH", help="img2img from PATH (mflux's flag)")
     parser.add_argument("--image-strength", type=float, default=None, metavar="S",
-                        help="img2img strength with mflux's meaning: higher = closer to the input (default 0.4)")
+                        help="img2img strength with mflux's meaning: higher = closer to the input (default "
+                             f"{MFLUX_IMAGE_STRENGTH:g}, as mflux)")
     parser.add_argument("--output", "-o", default="image.png",
                         help="image path; {seed} is replaced by the seed; the suffix picks the format (.png, .jpg, "
                              ".jpeg, .webp); an existing directory or a path ending in / means DIR/image_{seed}.png")
@@ -692,7 +695,7 @@ def _image_arguments(args: argparse.Namespace) -> tuple[str | None, float | None
     if mflux_style:
         if args.image_path is None:
             raise InvalidInput("--image-strength needs --image-path")
-        return args.image_path, None, 0.4 if args.image_strength is None else args.image_strength  # mflux's default
+        return args.image_path, None, MFLUX_IMAGE_STRENGTH if args.image_strength is None else args.image_strength
     if args.image is None:
         if args.strength is not None:
             raise InvalidInput("--strength needs --image PATH")
