@@ -614,6 +614,35 @@ def test_epsilon_mode_carries_the_stiffness_guard_in_flow_coordinates():
         assert not torch.allclose(guarded, plain)
 
 
+def test_told_the_guidance_the_scheduler_chooses_as_generate_does(tmp_path):
+    """classifier_free_guidance=w: adams-denoise with guided_options' choice for w (the fallback at 3, the corrector
+    off from 4), the same solver as those options given by hand; kept through save/load and a trip through diffusers'
+    own class; other solvers unchanged; the sample differs from the default's under strong guidance."""
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    for w, by_hand in ((1.0, {}), (3.0, {"stiff_fallback": True}), (7.0, {"corrector": False, "stiff_fallback": True})):
+        told = FewstepScheduler.from_config(flow, classifier_free_guidance=w)
+        assert told._solver == FewstepScheduler.from_config(flow, solver_options=by_hand)._solver
+        told.save_pretrained(tmp_path / str(w))
+        assert FewstepScheduler.from_pretrained(tmp_path / str(w))._solver == told._solver
+        back = FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler.from_config(told.config).config)
+        assert back._solver == told._solver and back.config.classifier_free_guidance == w
+    given = FewstepScheduler.from_config(flow, classifier_free_guidance=7.0, solver_options={"corrector": True})
+    assert given._solver.corrector and given._solver.stiff_fallback  # a given option stays
+    stork = FewstepScheduler.from_config(flow, solver="stork-2", classifier_free_guidance=7.0)
+    assert stork._solver == FewstepScheduler.from_config(flow, solver="stork-2")._solver
+    z = torch.randn(2, 64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ddim = DDIMScheduler().config
+    samples = []
+    for w in (None, 20.0):
+        s = FewstepScheduler.from_config(ddim, classifier_free_guidance=w)
+        s.set_timesteps(8)
+        samples.append(run(s, guided_gaussian_epsilon, z))
+    assert torch.isfinite(samples[1]).all() and not torch.allclose(*samples)
+    for bad in (-1.0, float("nan"), True, "7"):
+        with pytest.raises(InvalidInput, match="classifier_free_guidance"):
+            FewstepScheduler.from_config(flow, classifier_free_guidance=bad)
+
+
 def _epsilon_equals_flow(solver, options, epsilon, z):
     steps = 8
     eps_s = FewstepScheduler.from_config(DDIMScheduler().config, solver=solver, solver_options=options)

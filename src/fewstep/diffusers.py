@@ -44,6 +44,7 @@ from fewstep.errors import InvalidInput
 from fewstep.sampling import resolve_solver
 from fewstep.schedules import SPACINGS, flow_sigmas, resample_grid, respace
 from fewstep.search import GridMismatchWarning, grid_mismatch
+from fewstep.solvers.denoise import guided_options
 from fewstep.solvers.neuralsolver import NeuralSolver
 from fewstep.solvers.plan import PlanRun, grid_plan, intervals_for
 from fewstep.solvers.registry import RECOMMENDED
@@ -186,7 +187,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     init_noise_sigma = 1.0
 
     @register_to_config
-    def __init__(self, solver: str = RECOMMENDED, solver_options: dict | None = None, num_train_timesteps: int = 1000,
+    def __init__(self, solver: str = RECOMMENDED, solver_options: dict | None = None,
+                 classifier_free_guidance: float | None = None, num_train_timesteps: int = 1000,
                  shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
                  max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
                  time_shift_type: str = "exponential", shift_terminal: float | None = None,
@@ -209,8 +211,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise InvalidInput("invert_sigmas=True (Mochi) is not supported")
         if time_shift_type not in ("exponential", "linear"):
             raise InvalidInput(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+        options = dict(solver_options or {})
+        if classifier_free_guidance is not None:
+            if (isinstance(classifier_free_guidance, bool) or not isinstance(classifier_free_guidance, (int, float))
+                    or not math.isfinite(classifier_free_guidance) or classifier_free_guidance < 0):
+                raise InvalidInput("classifier_free_guidance must be the pipeline's guidance scale (a finite number "
+                                   f">= 0) or None, got {classifier_free_guidance!r}")
+            # A scheduler never sees the guidance; told it, it chooses as `fewstep generate` does.
+            options = guided_options(solver, options, float(classifier_free_guidance))
         # Unknown solver or option, or a solver made for the other prediction type: an error here, not in step().
-        self._solver, _ = resolve_solver(solver, dict(solver_options or {}), PREDICTIONS[prediction_type])
+        self._solver, _ = resolve_solver(solver, options, PREDICTIONS[prediction_type])
         self._solver_name = solver
         self._epsilon = prediction_type == "epsilon"
         self._vp = None
