@@ -70,7 +70,8 @@ def respace(hi: float, lo: float, n: int, spacing: str) -> np.ndarray:
 def flow_sigmas(intervals: int | None = None, shift: float = 1.0, mu: float | None = None, *,
                 time_shift_type: str = "exponential", dynamic_shifting: bool | None = None,
                 sigmas: Sequence[float] | None = None, shift_terminal: float | None = None,
-                num_train_timesteps: int = 1000, spacing: str | None = None) -> np.ndarray:
+                num_train_timesteps: int = 1000, spacing: str | None = None,
+                train_shift: float | None = None) -> np.ndarray:
     """The σ grid of diffusers' `FlowMatchEulerDiscreteScheduler` after `set_timesteps(intervals, sigmas=, mu=)`,
     with the terminal 0 appended: `intervals + 1` values (a solver's model calls per interval: `intervals_for`).
 
@@ -79,7 +80,9 @@ def flow_sigmas(intervals: int | None = None, shift: float = 1.0, mu: float | No
     (diffusers #13243); with dynamic shifting the training grid is not shifted. User `sigmas` are shifted too;
     a user grid that already ends in 0 gets no second 0 (official STORK's bug #11).
     `dynamic_shifting=None` means "dynamic iff `mu` is given". `spacing` ("karras", "exponential", "beta"; `respace`)
-    re-spaces the shifted values last, as FlowMatchEuler's use_*_sigmas options do.
+    re-spaces the shifted values last, as FlowMatchEuler's use_*_sigmas options do. `train_shift`: the shift of that
+    training grid when it differs from `shift` (FlowMatchEuler builds it once, with its config's shift; `set_shift`
+    changes only the second shift).
     """
     dynamic = (mu is not None) if dynamic_shifting is None else dynamic_shifting
     if dynamic and mu is None:
@@ -90,7 +93,8 @@ def flow_sigmas(intervals: int | None = None, shift: float = 1.0, mu: float | No
         train = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1] / np.float32(
             num_train_timesteps)
         if not dynamic:
-            train = (np.float32(shift) * train / (1 + (np.float32(shift) - 1) * train)).astype(np.float32)
+            first = np.float32(shift if train_shift is None else train_shift)
+            train = (first * train / (1 + (first - 1) * train)).astype(np.float32)
         sigma_max, sigma_min = float(train[0]), float(train[-1])
         base = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, int(intervals))
         base = base / num_train_timesteps
