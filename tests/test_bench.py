@@ -175,9 +175,10 @@ def test_headline_suite_refines_overlapping_cells_and_rewrites_the_readme(tmp_pa
     argv = ["--suite", "headline", "--problem", "gmm2d", "--grid", "shift1,shift3", "--nfe", "4,5,8",
             "--samples", "32", "--solvers", "euler", "--headline-solver", "stork-2", "--out", str(out), "--readme",
             str(readme),
-            "--cache", str(tmp_path / "cache")]
+            "--cache", str(tmp_path / "cache"), "--bootstrap", "200"]
     assert run(_args(*argv)) == 0
     printed = capsys.readouterr().out
+    assert "--seed 0 --bootstrap 200 --solvers euler" in (out / "headline.md").read_text()  # the command reruns it
     cells = json.loads((out / "headline.json").read_text())
     assert [(c["grid"], c["nfe"]) for c in cells] == [(g, n) for g in ("shift1", "shift3") for n in (4, 5, 8)]
     for c in cells:
@@ -423,7 +424,8 @@ def test_digits_with_guidance_samples_the_guided_flow(digits, monkeypatch):
     (["--readme", "README.md"], "--readme"), (["--suite", "headline", "--no-peers"], "--no-peers"),
     (["--grid", "shift1", "--shift", "3"], "--shift"), (["--seed", "-1"], "--seed"),
     (["--seed", str(2**64)], "--seed"), (["--seed", str(2**32)], "--seed"),
-    (["--shift", "inf"], "--shift"), (["--out", ""], "--out"), (["--samples", str(10**12)], "--samples"),
+    (["--shift", "inf"], "--shift"), (["--out", ""], "--out"), (["--cache", " "], "--cache"),
+    (["--samples", str(10**12)], "--samples"),
     (["--image-samples", "10001"], "--image-samples"), (["--nfe", "4,100000"], "--nfe"),
     (["--bootstrap", str(10**9)], "--bootstrap"), (["--search-iterations", str(10**7)], "--search-iterations"),
     (["--suite", "headline", "--samples", "6000"], "--refine"),  # a refined cell: 12,000 noises
@@ -435,6 +437,20 @@ def test_bad_options_are_refused_before_any_work(argv, flag, monkeypatch):
     full = argv if "--problem" in argv else ["--problem", "gmm2d", *argv]
     with pytest.raises(InvalidInput, match=flag):
         run(_args(*full))
+
+
+@pytest.mark.parametrize("argv", [["--suite", "convergence", "--grid", "flux1024"], ["--suite", "convergence",
+                                  "--solvers", "euler"], ["--suite", "convergence", "--bootstrap", "100"],
+                                  ["--suite", "overhead", "--nfe", "4"], ["--overhead", "--seed", "3"],
+                                  ["--overhead", "--problem", "gmm2d"]])
+def test_the_fixed_suites_refuse_the_flags_they_would_ignore(argv, monkeypatch):
+    from fewstep.bench import convergence, overhead
+
+    for module, name in ((convergence, "run_convergence"), (overhead, "measure_overhead")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("computed before refusing"))
+    suite = "overhead" if "overhead" in " ".join(argv) else "convergence"
+    with pytest.raises(InvalidInput, match=f"^{argv[-2]} does not apply to the {suite} suite"):
+        run(_args(*argv))
 
 
 def test_bad_output_paths_are_refused_before_any_work(tmp_path, monkeypatch):
