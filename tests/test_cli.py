@@ -81,6 +81,7 @@ def inputs(tmp_path):
 @pytest.mark.parametrize(("args", "fragments"), [
     (["--guidance", "nan"], ["--guidance", "finite", "nan"]),
     (["--guidance", "inf"], ["--guidance", "finite"]),
+    (["--guidance", "-1"], ["--guidance", "≥ 0", "got -1"]),
     (["--seed", "1", "-1"], ["--seed", "0 to 2**32-1", "got -1"]),
     (["--seed", str(2**64)], ["--seed", str(2**64)]),
     (["--seed", str(2**32 + 5)], ["--seed", "0 to 2**32-1"]),  # torch's CPU generator would draw seed 5's noise
@@ -135,6 +136,7 @@ def test_bad_input_images_are_refused_by_name(capsys, tmp_path, inputs, name, fr
     (["--image", "{good}", "nan"], ["(0, 1]", "nan"]),
     (["--image", "{good}", "much"], ["--image STRENGTH must be a number"]),
     (["--image-path", "{good}", "--image-strength", "1"], ["--image-strength 1 with 8 steps leaves no step"]),
+    (["--image-path", "{good}", "--image-strength", "-1"], ["--image-strength", "from 0 to below 1", "got -1"]),
     (["--image", "{good}", "0.5", "--scheduler", "neuralsolver", "--steps", "6"],
      ["neuralsolver cannot start at timestep index 3 of 6"]),  # a searched grid runs only in full
 ])
@@ -158,7 +160,9 @@ def test_mflux_strength_runs_mflux_step_count():
             d = mflux_strength(s, steps)
             assert 0 < d <= 1 and int(max(steps - min(steps * d, steps), 0)) == skipped, (steps, s, d)
             assert abs(d - (steps - skipped) / steps) < 1e-12
-    assert mflux_strength(0.25, 8) == 0.75 and mflux_strength(-3.0, 8) == 7 / 8  # clamped like mflux
+    assert mflux_strength(0.25, 8) == 0.75 and mflux_strength(0.0, 8) == 7 / 8  # mflux skips at least one step
+    with pytest.raises(InvalidInput, match="from 0 to below 1"):  # mflux clamps it; a negative strength is a mistake
+        mflux_strength(-3.0, 8)
     with pytest.raises(InvalidInput, match="finite"):
         mflux_strength(math.nan, 8)
 

@@ -97,8 +97,9 @@ def check_config(config: Config, default_steps: int, default_guidance: float) ->
         if value is not None and (not _is_int(value) or not 1 <= value <= MAX_SIDE):
             raise InvalidInput(f"{name} (--{name}) must be an integer from 1 to {MAX_SIDE} pixels, got {value!r}")
     guidance = default_guidance if config.guidance is None else config.guidance
-    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):
-        raise InvalidInput(f"guidance (--guidance) must be a finite number, got {guidance!r}")
+    if (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance)
+            or guidance < 0):
+        raise InvalidInput(f"guidance (--guidance) must be a finite number ≥ 0, got {guidance!r}")
     strength = config.image_strength
     if strength is not None:
         if config.image_path is None:
@@ -668,8 +669,9 @@ def mflux_strength(strength: float, steps: int) -> float:
     (moved by a few ulps where rounding needs it) makes diffusers' get_timesteps start at the same step k."""
     from fewstep.entry import begin_index_for_strength
 
-    if not math.isfinite(strength):
-        raise InvalidInput(f"--image-strength must be a finite number, got {strength}")
+    if not (math.isfinite(strength) and strength >= 0):
+        raise InvalidInput(f"--image-strength must be a finite number from 0 to below 1 (mflux's meaning: higher = "
+                           f"closer to the input), got {strength}")
     skipped = max(1, int(steps * min(max(strength, 0.0), 1.0)))
     remaining = steps - skipped
     if remaining < 1:
