@@ -11,10 +11,13 @@ Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from typing import NoReturn
 
 from fewstep import __version__
@@ -84,11 +87,31 @@ def _parse_and_run(argv: list[str]) -> int:
         return 2
 
 
+@contextlib.contextmanager
+def _terminate_unwinds() -> Iterator[None]:
+    """SIGTERM (kill, timeout, a cancelled CI job, torchrun stopping its workers) unwinds like Ctrl-C while the block
+    runs, so that a file being written is removed, not left as a hidden temporary (Python's default for SIGTERM is to
+    die at once, with no cleanup); the previous handler is back afterwards."""
+    def unwind(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, unwind)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `fewstep ARGV`; returns the exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return _parse_and_run(argv)
+        with _terminate_unwinds():
+            return _parse_and_run(argv)
     except KeyboardInterrupt:
         print("\nfewstep: interrupted", file=sys.stderr)
         return 130
