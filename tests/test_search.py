@@ -750,7 +750,7 @@ def test_cli_steps_range_is_checked_before_it_is_expanded(tmp_path, capsys, step
 
 
 def test_cli_diverged_search_names_lr_and_leaves_no_checkpoint(tmp_path, capsys):
-    out = tmp_path / "x.json"
+    out = tmp_path / "new" / "folders" / "x.json"  # made for the checkpoint, removed with it
     assert _cli("--model", "gmm2d", "--steps", 4, "--samples", 64, "--validation", 32, "--iterations", 20, "-q",
                 "--lr", "1e10", "--out", out) == 2
     _one_line_error(capsys, "diverged", "smaller --lr")

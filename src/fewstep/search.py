@@ -1628,6 +1628,22 @@ def _process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _new_folders_removed_on_error(path: str) -> Iterator[None]:
+    """The folders above `path` that do not exist yet are removed again, where still empty, when the block raises: a
+    failed search leaves no empty folder behind (one holding a checkpoint stays, for the rerun)."""
+    missing = [folder for folder in Path(os.path.abspath(path)).parents if not folder.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
 class _SigintStop:
     """While active, the first Ctrl-C asks the search to stop at the next iteration boundary (it then saves its
     checkpoint and raises); a second one interrupts at once."""
@@ -1677,7 +1693,7 @@ def run(args: argparse.Namespace) -> int:
     if args.fresh and os.environ.get("RANK", "0") == "0":
         Path(ckpt).unlink(missing_ok=True)
     log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
-    with _process_group():
+    with _process_group(), _new_folders_removed_on_error(args.out):
         rank, _ = _world()
         if rank != 0:
             log = lambda text: None  # noqa: E731
