@@ -510,7 +510,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             # first call is made there again, or the run ends there; one-call solvers never repeat a σ). img2img's
             # strength picks a call index, and the pipeline noises to that call's σ: one node lower than a one-call
             # solver's entry, and the stage call only re-synchronises.
-            warnings.warn(f"{self._solver_name}: the pipeline starts at call {k} of {self._plan.calls}, the second "
+            warnings.warn(f"{self._solver_name}: the pipeline starts at call {k} of {calls}, the second "
                           f"stage of a step from σ={sigmas[k - 1]:.3g}, so it enters at σ={sigmas[k]:.3g} (img2img "
                           "strength lands on a two-call step's end node, and that call re-synchronises); a one-call "
                           "solver (adams-denoise, euler, stork-2) honours the strength call by call", stacklevel=3)

@@ -672,7 +672,7 @@ def mflux_strength(strength: float, steps: int) -> float:
     if not (math.isfinite(strength) and strength >= 0):
         raise InvalidInput(f"--image-strength must be a finite number from 0 to below 1 (mflux's meaning: higher = "
                            f"closer to the input), got {strength}")
-    skipped = max(1, int(steps * min(max(strength, 0.0), 1.0)))
+    skipped = max(1, int(steps * min(strength, 1.0)))
     remaining = steps - skipped
     if remaining < 1:
         raise InvalidInput(f"--image-strength {strength:g} with {steps} steps leaves no step to run (mflux starts at "
