@@ -78,6 +78,19 @@ def inputs(tmp_path):
 
 # --- generate: every bad value is refused before anything is written -----------------------------------------------
 
+def test_heun_img2img_entering_at_its_second_stage_says_so_once(capsys, tmp_path, inputs):
+    """Strength 0.5 of 6 calls is call 3, Heun's second stage of its step from σ = 0.5: one warning line, the image
+    written; strength 0.6 enters at a node and says nothing."""
+    code, _, err = generate(capsys, "--prompt", "7", "--scheduler", "heun", "--steps", 6, "--image",
+                            inputs / "good.png", "0.5", "-q", "--output", tmp_path / "a.png")
+    assert code == 0 and (tmp_path / "a.png").is_file()
+    assert err.count("fewstep generate: warning: heun: call 3 of 6 is the second stage") == 1 and len(
+        err.splitlines()) == 1, err
+    code, _, err = generate(capsys, "--prompt", "7", "--scheduler", "heun", "--steps", 6, "--image",
+                            inputs / "good.png", "0.6", "-q", "--output", tmp_path / "b.png")
+    assert code == 0 and err == ""
+
+
 @pytest.mark.parametrize(("args", "fragments"), [
     (["--guidance", "nan"], ["--guidance", "finite", "nan"]),
     (["--guidance", "inf"], ["--guidance", "finite"]),

@@ -18,6 +18,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E4
 
 import fewstep  # noqa: E402
 from fewstep.diffusers import AdamsScheduler, FewstepScheduler, NeuralSolverScheduler, StorkScheduler  # noqa: E402
+from fewstep.entry import StageEntryWarning  # noqa: E402
 from fewstep.errors import InvalidInput  # noqa: E402
 
 torch.set_num_threads(1)
@@ -199,7 +200,7 @@ def test_euler_matches_flowmatch_euler():
 
 # --- mid-schedule entry (docs/diffusers.md: Mid-schedule entry) -------------------------------------------------------
 
-@pytest.mark.filterwarnings("ignore:heun. the pipeline starts at call")  # entering at a stage: its own test
+@pytest.mark.filterwarnings("ignore::fewstep.entry.StageEntryWarning")  # entering at a stage: its own test
 @pytest.mark.parametrize("solver", GRID_SOLVERS)
 def test_set_begin_index_runs_the_rest_exactly(solver):
     s = FewstepScheduler(solver=solver, shift=3.0)
@@ -214,7 +215,7 @@ def test_set_begin_index_runs_the_rest_exactly(solver):
         torch.testing.assert_close(out, x - float(s.sigmas[k]) * c, atol=2e-4, rtol=0)
 
 
-@pytest.mark.filterwarnings("ignore:heun. the pipeline starts at call")  # entering at a stage: its own test
+@pytest.mark.filterwarnings("ignore::fewstep.entry.StageEntryWarning")  # entering at a stage: its own test
 @pytest.mark.parametrize("solver", GRID_SOLVERS)
 def test_entry_without_begin_index_recovers_the_index_from_the_timestep(solver):
     s = FewstepScheduler(solver=solver, shift=3.0)
@@ -235,8 +236,8 @@ def test_heun_entry_between_its_stages_spends_one_call_resynchronising():
     s = FewstepScheduler(solver="heun")
     s.set_timesteps(8)
     x = torch.randn(1, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning, match=r"heun: the pipeline starts at call 3 of 8, the second stage of a step from "
-                      rf"σ={float(s.sigmas[2]):.3g}, so it enters at σ={float(s.sigmas[3]):.3g}"):
+    with pytest.warns(StageEntryWarning, match=rf"heun: call 3 of 8 is the second stage of a step from "
+                      rf"σ={float(s.sigmas[2]):.3g}, so the run enters at σ={float(s.sigmas[3]):.3g}"):
         s.set_begin_index(3)  # timesteps[3] is the second stage of step 1, at the σ of node 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -289,7 +290,7 @@ def img2img_loop(s, clean, noise, mask, velocity, t_start, begin_index):
     return x, calls
 
 
-@pytest.mark.filterwarnings("ignore:heun. the pipeline starts at call")  # entering at a stage: its own test
+@pytest.mark.filterwarnings("ignore::fewstep.entry.StageEntryWarning")  # entering at a stage: its own test
 @pytest.mark.parametrize("solver", GRID_SOLVERS)
 def test_img2img_without_begin_index_equals_with_it(solver):
     """WanVideoToVideo and older pipelines slice timesteps and never call set_begin_index. With Heun's repeated values

@@ -62,7 +62,7 @@ def adapter_img2img(net, clean, noise, label, solver, options, steps, strength):
     return x
 
 
-@pytest.mark.filterwarnings("ignore:heun. the pipeline starts at call")  # entering at a stage: its own test
+@pytest.mark.filterwarnings("ignore::fewstep.entry.StageEntryWarning")  # entering at a stage: its own test
 @pytest.mark.parametrize("strength", [0.6, 0.35])
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_embedded_img2img_equals_the_diffusers_adapter(embedded, digit_file, monkeypatch, solver, strength):
@@ -121,6 +121,7 @@ def test_solvers_that_cannot_enter_refuse_in_every_path_before_the_first_call(em
         assert len(calls) == STEPS
 
 
+@pytest.mark.filterwarnings("ignore::fewstep.entry.StageEntryWarning")  # entering at a stage: its own test
 @pytest.mark.parametrize("solver", [n for n in SOLVERS if n != "neuralsolver"])
 def test_sample_begin_index_integrates_the_rest_exactly(solver):
     """A constant velocity c from the σ of call k: exactly x − σ_k·c, with the remaining calls only."""
@@ -136,6 +137,7 @@ def test_sample_begin_index_integrates_the_rest_exactly(solver):
         torch.testing.assert_close(out, x - full.sigmas[k] * c, atol=1e-12, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore::fewstep.entry.StageEntryWarning")  # entering at a stage: its own test
 @pytest.mark.parametrize("solver", [n for n in SOLVERS if n != "neuralsolver"])
 def test_epsilon_begin_index_is_exact_for_a_constant_epsilon(solver):
     """x0 = 0: the VP sample at flow time s is s·ε/k(s) for every s, so a run entered at call k must land on

@@ -61,7 +61,7 @@ def generate(name: str, scheduler, **overrides) -> tuple[torch.Tensor, int]:
     return out, counter.calls
 
 
-@pytest.mark.filterwarnings("ignore:heun. the pipeline starts at call")  # entering at a stage: its own test
+@pytest.mark.filterwarnings("ignore::fewstep.entry.StageEntryWarning")  # entering at a stage: its own test
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("name", list(tiny.BUILDERS))
 def test_every_solver_runs_in_every_pipeline(name, solver):

@@ -39,7 +39,7 @@ from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_c
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from fewstep.entry import ENTRY_TOLERANCE, enter, epsilon_plan, flow_time, vp_scale
+from fewstep.entry import enter, epsilon_plan, flow_time, vp_scale
 from fewstep.errors import InvalidInput
 from fewstep.sampling import resolve_solver
 from fewstep.schedules import SPACINGS, flow_sigmas, resample_grid, respace
@@ -504,16 +504,6 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _start_at(self, k: int) -> None:
         """Run the plan from call k on (`fewstep.entry.enter`), rewritten on (x, ε) for ε models."""
         plan = enter(self._solver, self._grid, self._plan, k, self._solver_name)
-        sigmas, calls = self._plan.sigmas, self._plan.calls
-        if (k + 1 < calls and abs(sigmas[k + 1] - sigmas[k]) <= ENTRY_TOLERANCE) or sigmas[k] == self._plan.sigma_end:
-            # Call k is the second stage of a step from sigmas[k − 1], made at the step's end node (the next step's
-            # first call is made there again, or the run ends there; one-call solvers never repeat a σ). img2img's
-            # strength picks a call index, and the pipeline noises to that call's σ: one node lower than a one-call
-            # solver's entry, and the stage call only re-synchronises.
-            warnings.warn(f"{self._solver_name}: the pipeline starts at call {k} of {calls}, the second "
-                          f"stage of a step from σ={sigmas[k - 1]:.3g}, so it enters at σ={sigmas[k]:.3g} (img2img "
-                          "strength lands on a two-call step's end node, and that call re-synchronises); a one-call "
-                          "solver (adams-denoise, euler, stork-2) honours the strength call by call", stacklevel=3)
         self._run = PlanRun(epsilon_plan(plan) if self._epsilon else plan)
         self._offset = k
 

@@ -30,6 +30,7 @@ The conversion depends on s only, not on which VP schedule maps s to the model's
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -97,6 +98,19 @@ def _restarted(plan: Plan) -> Plan:
                 guards)
 
 
+class StageEntryWarning(UserWarning):
+    """A run entered at the second stage of a two-call step (Heun's), made at the step's end node: the sample starts a
+    node lower than the call index suggests, and that call only re-synchronises (`enter`)."""
+
+
+def _warn_stage_entry(plan: Plan, k: int, name: str) -> None:
+    # img2img's strength and `begin_index` pick a call index; a caller noises to that call's σ, the step's end node.
+    warnings.warn(f"{name}: call {k} of {plan.calls} is the second stage of a step from σ={plan.sigmas[k - 1]:.3g}, so "
+                  f"the run enters at σ={plan.sigmas[k]:.3g} (a node lower; that call re-synchronises); a one-call "
+                  "solver (adams-denoise, euler, stork-2) enters call by call, as img2img's strength asks",
+                  StageEntryWarning, stacklevel=3)
+
+
 def enter(solver: Solver, grid: np.ndarray, plan: Plan, k: int, name: str = "this solver") -> Plan:
     """The plan from call k of `plan` (the solver's plan on `grid`) on, for a sample at σ_k = plan.sigmas[k] with no
     history: the solver re-planned on the grid nodes left. Its calls are exactly plan.sigmas[k:] (to ENTRY_TOLERANCE),
@@ -110,6 +124,7 @@ def enter(solver: Solver, grid: np.ndarray, plan: Plan, k: int, name: str = "thi
     grid = np.asarray(grid, dtype=np.float64)
     nodes = grid[grid < rest[0] - ENTRY_TOLERANCE]
     if len(nodes) == 0:  # entered at the end σ (Heun's last stage): the sample is already there
+        _warn_stage_entry(plan, k, name)
         return Plan(rest, plan.sigma_end, tuple(Row({i: 1.0}) for i in range(len(rest))))
     try:
         again = grid_plan(solver, np.r_[rest[0], nodes])
@@ -120,6 +135,7 @@ def enter(solver: Solver, grid: np.ndarray, plan: Plan, k: int, name: str = "thi
         return again
     if again is not None and again.calls == len(rest) - 1 and np.allclose(again.sigmas, rest[1:], rtol=0,
                                                                           atol=ENTRY_TOLERANCE):
+        _warn_stage_entry(plan, k, name)
         return _restarted(again)
     raise InvalidInput(f"{name} cannot start at timestep index {k} of {plan.calls} (sigma {rest[0]:.4g}): re-planned "
                        f"on the remaining grid it does not make the remaining {len(rest)} model calls. img2img/inpaint "

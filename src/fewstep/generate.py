@@ -736,17 +736,19 @@ def output_paths(template: str, seeds: list[int]) -> list[Path]:
 
 
 def _one_line_grid_warnings(show: Callable) -> Callable:
-    """A `warnings.showwarning` that prints a GridMismatchWarning (the embedded model's or the diffusers scheduler's)
-    as one `fewstep generate: warning:` line, as the command reports everything, once per run (each seed warns again:
-    the pipeline gets a new scheduler, and the default filter's once-per-place memory is reset whenever a library
+    """A `warnings.showwarning` that prints fewstep's warnings about the run's grid (GridMismatchWarning, the embedded
+    model's or the diffusers scheduler's; StageEntryWarning, img2img entering at Heun's second stage) as one
+    `fewstep generate: warning:` line, as the command reports everything, once per run (each seed warns again: the
+    pipeline gets a new scheduler, and the default filter's once-per-place memory is reset whenever a library
     changes the filters), and passes the others to `show`."""
+    from fewstep.entry import StageEntryWarning
     from fewstep.search import GridMismatchWarning
 
     shown: set[str] = set()
 
     def showwarning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
                     line: str | None = None) -> None:
-        if issubclass(category, GridMismatchWarning):
+        if issubclass(category, (GridMismatchWarning, StageEntryWarning)):
             if str(message) not in shown:
                 shown.add(str(message))
                 print(f"fewstep generate: warning: {message}", file=sys.stderr)
@@ -783,11 +785,13 @@ def run(args: argparse.Namespace) -> int:
         steps, _ = check_config(config, default_steps, default_guidance)
         build_solver(solver, options, steps)
         if image_path is not None:  # a solver that cannot enter the schedule mid-way is refused before loading
-            from fewstep.entry import begin_index_for_strength
+            from fewstep.entry import StageEntryWarning, begin_index_for_strength
             from fewstep.sampling import make_plan
 
             strength_used = image_strength(config)
-            make_plan(solver, steps, begin_index=begin_index_for_strength(steps, strength_used), **options)
+            with warnings.catch_warnings():  # the run itself says it, once
+                warnings.simplefilter("ignore", StageEntryWarning)
+                make_plan(solver, steps, begin_index=begin_index_for_strength(steps, strength_used), **options)
         return config
 
     embedded = args.model is None or args.model in EMBEDDED_NAMES
