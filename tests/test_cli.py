@@ -95,6 +95,7 @@ def test_heun_img2img_entering_at_its_second_stage_says_so_once(capsys, tmp_path
     (["--guidance", "nan"], ["--guidance", "finite", "nan"]),
     (["--guidance", "inf"], ["--guidance", "finite"]),
     (["--guidance", "-1"], ["--guidance", "≥ 0", "got -1"]),
+    (["--guidance", "1e308"], ["model output is not finite", "guidance 1e+308", "lower --guidance"]),
     (["--seed", "1", "-1"], ["--seed", "0 to 2**32-1", "got -1"]),
     (["--seed", str(2**64)], ["--seed", str(2**64)]),
     (["--seed", str(2**32 + 5)], ["--seed", "0 to 2**32-1"]),  # torch's CPU generator would draw seed 5's noise

@@ -343,7 +343,10 @@ class EmbeddedModel:
             sigma = float(make_plan(solver, steps, begin_index=begin, **options).sigmas[0])  # or refuse, before a call
             noise = (1 - sigma) * self._image_to_x(config.image_path) + sigma * noise
         with torch.no_grad():
-            x = sample(model, noise, solver, steps, begin_index=begin, progress=self.progress, **options)
+            try:
+                x = sample(model, noise, solver, steps, begin_index=begin, progress=self.progress, **options)
+            except NonFiniteError as err:  # the model is fixed and finite: the guidance is what can overflow it
+                raise NonFiniteError(f"{err} (seed {seed}, guidance {guidance:g}); lower --guidance") from None
         image = self.module.to_image(x[0])
         if config.width is not None or config.height is not None:
             size = (config.width or config.height, config.height or config.width)
