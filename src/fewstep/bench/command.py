@@ -290,9 +290,8 @@ def _transfer(args: argparse.Namespace, out: Path | None, start: float) -> int:
     from fewstep.bench.measure import parse_nfe, tables
     from fewstep.search import MAX_SEARCH_STEPS
 
-    for flag, given in (("--solvers", args.solvers is not None), ("--refine", args.refine is not None),
-                        ("--no-peers", args.no_peers)):
-        if given:  # the matrix is the sources and one training-free solver, each against the best peer
+    for flag in _given(args):
+        if flag in ("--solvers", "--refine", "--no-peers"):  # the matrix: the sources and one solver vs the best peer
             raise InvalidInput(f"{flag} does not apply to the transfer suite (it scores --sources and "
                                "--headline-solver against the best diffusers peer)")
     problems = _problems(args.problem, "transfer")
