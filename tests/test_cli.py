@@ -239,7 +239,7 @@ def test_a_link_to_nothing_is_refused_and_nothing_is_created_where_it_points(cap
 def test_official_stork_at_two_calls_is_a_step_count_error_in_one_line(capsys, tmp_path):
     code, _, err = generate(capsys, "--prompt", "7", "-q", "--scheduler", "stork-2", "--steps", "2",
                            "--scheduler-kwargs", '{"compat": "official"}', "--output", tmp_path / "x.png")
-    assert_one_line_error(code, err, "compat='official' cannot make exactly 2 model calls", "at least 3")
+    assert_one_line_error(code, err, "stork-2 cannot make exactly 2 model calls; it can make 3")
     assert files_in(tmp_path) == []
     with pytest.raises(StepCountError):
         make_plan("stork-4", steps=2, compat="official")

@@ -132,13 +132,19 @@ def test_neuralsolver_on_the_embedded_model_uses_its_shipped_search():
 
     model = fs.load("digits")
 
-    def pixels(kwargs):
+    def made(kwargs):
         config = fs.Config(num_inference_steps=6, scheduler="neuralsolver", scheduler_kwargs=kwargs)
-        return model.generate_image(seed=3, prompt="8", config=config).image.tobytes()
+        return model.generate_image(seed=3, prompt="8", config=config)
+
+    def pixels(kwargs):
+        return made(kwargs).image.tobytes()
 
     shipped = shipped_solver("digits")
     assert shipped is not None and shipped.name == "digits-shift1.json"
     assert pixels({}) == pixels({"solver_file": str(shipped)}) != pixels({"solver_file": "sit"})
+    # the metadata names the file that ran (replaying its options without it would run the SiT table)
+    recorded = made({}).metadata["solver_options"]
+    assert recorded == {"solver_file": "digits-shift1"} and pixels(recorded) == pixels({})
 
 
 def test_solver_file_of_another_grid_gives_one_warning_line(tmp_path):
@@ -340,6 +346,26 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path, mode, values, 
     Image.fromarray(array).save(path)  # uint16: mode I;16, float32: mode F
     grey = np.asarray(read_input(path).convert("L"))[0]
     assert grey.tolist() == [round(v / top * 255) for v in values]
+
+
+@pytest.mark.parametrize("model_name", ["digits", "fashion"])
+def test_img2img_reads_a_16_bit_copy_of_an_image_as_the_8_bit_one(tmp_path, model_name):
+    """The embedded models' img2img input goes through read_image's scaling: the fashion model reopened the raw file,
+    so a 16-bit copy of a picture came out nearly white (mean pixel 210 instead of 71)."""
+    import numpy as np
+
+    import fewstep as fs
+
+    grey = np.random.default_rng(0).integers(0, 256, size=(28, 28)).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "in8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "in16.png")
+    model = fs.load(model_name)
+    model.progress = False
+    prompt = "a dress" if model_name == "fashion" else "3"
+    made = [np.asarray(model.generate_image(seed=5, prompt=prompt, config=fs.Config(
+        num_inference_steps=4, image_path=str(tmp_path / name), image_strength=0.3)).image) for name in
+        ("in8.png", "in16.png")]
+    assert np.array_equal(made[0], made[1])
 
 
 @pytest.mark.parametrize("prompt", [None, 7])

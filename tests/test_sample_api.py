@@ -98,3 +98,48 @@ def test_a_model_that_reuses_its_output_buffer_gives_the_same_samples(solver, ki
     a = fewstep.sample(fresh, noise, solver, steps=6, shift=3.0)
     b = fewstep.sample(reused, noise, solver, steps=6, shift=3.0)
     assert (a == b).all()
+
+
+@pytest.mark.parametrize("prediction", ["flow", "epsilon"])
+def test_noise_with_nan_or_inf_is_refused_before_any_call(prediction):
+    """A bad value in the user's noise is named as the noise's, not blamed on the model at its first call."""
+    calls = []
+    for bad in (float("nan"), float("inf")):
+        noise = torch.randn(2, 3)
+        noise[1, 1] = bad
+        with pytest.raises(InvalidInput, match="noise contains NaN or infinite values"):
+            fewstep.sample(lambda x, s: calls.append(s) or torch.zeros_like(x), noise, "adams-denoise", 4,
+                           prediction=prediction)
+    assert not calls
+
+
+def test_neuralsolver_refuses_sigmas_it_cannot_follow_and_warns_on_another_shift():
+    """A searched file runs its own grid from σ = 1: a grid starting lower (img2img by hand) would treat the input as
+    pure noise, so it is refused; a shift other than the file's runs the file's grid, with a GridMismatchWarning."""
+    from fewstep.search import GridMismatchWarning
+
+    c = torch.tensor([[0.7, -0.2]], dtype=torch.float64)
+    constant = lambda x, s: c.expand_as(x).clone()  # noqa: E731
+    noise = torch.zeros(1, 2, dtype=torch.float64)
+    with pytest.raises(InvalidInput, match="own searched grid from sigma = 1; the given sigmas start at 0.5"):
+        fewstep.sample(constant, noise, "neuralsolver", sigmas=[0.5, 0.4, 0.3, 0.2, 0.1, 0.05],
+                       solver_file="digits-shift1")
+    # from σ = 1 its grid integrates a constant velocity exactly: x(0) = noise − c
+    x = fewstep.sample(constant, noise, "neuralsolver", sigmas=np.linspace(1, 1 / 6, 6), solver_file="digits-shift1")
+    torch.testing.assert_close(x, -c, rtol=0, atol=1e-9)
+    with pytest.warns(GridMismatchWarning, match="searched on the shift-1 grid, sampling asks for shift 3"):
+        fewstep.sample(constant, noise, "neuralsolver", 6, shift=3.0, solver_file="digits-shift1")
+
+
+def test_epsilon_models_see_the_given_timesteps_exactly():
+    """The VP times a model sees are the ones given (not a round trip through the flow variable, which moved them by
+    ulps: int(t·1000) then read 998 for 0.999)."""
+    seen = []
+    times = [k / 1000 for k in range(999, 0, -111)]
+    fewstep.sample(lambda x, t: seen.append(t) or 0.3 * x, torch.randn(2, 3), "adams-denoise", prediction="epsilon",
+                   timesteps=times)
+    assert seen == times[:-1]
+    seen.clear()
+    fewstep.sample(lambda x, t: seen.append(t) or 0.3 * x, torch.randn(2, 3), "adams-denoise", prediction="epsilon",
+                   timesteps=times, begin_index=3)
+    assert seen == times[3:-1]

@@ -355,7 +355,7 @@ def test_shipped_digits_solvers_beat_adams2_on_fresh_noise(shift):
     exact = S.teacher_bank(model, noise, "exact:1e-7", 2)[1][-1]
     for n in (4, 6, 8):
         err = lambda x: float(((x - exact) ** 2).mean().sqrt())  # noqa: E731
-        searched = err(fewstep.sample(model, noise, neuralsolver(found), n))
+        searched = err(fewstep.sample(model, noise, neuralsolver(found), n, shift=shift))
         adams2 = err(fewstep.sample(model, noise, "adams2", n, shift=shift))
         assert searched < 0.8 * adams2, (n, searched, adams2)
 
@@ -807,3 +807,29 @@ def test_the_search_process_group_is_freed_before_interpreter_exit():
         assert proc.returncode == 0, err[-2000:]
         threads = ast.literal_eval(out.strip().splitlines()[-1])
         assert threads and not [t for t in threads if "gloo" in t], threads
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch": 0}, "batch must be an integer from 1 to"),
+    ({"batch": -5}, "batch must be an integer from 1 to"),
+    ({"batch": True}, "batch must be an integer from 1 to"),
+    ({"lr": float("nan")}, "lr must be a finite number above 0"),
+    ({"lr": 0.0}, "lr must be a finite number above 0"),
+    ({"noise": torch.randn(40)}, r"noise must be a finite bank of samples .* got shape \(40,\)"),
+    ({"noise": torch.full((40, 2), float("nan"))}, "noise must be a finite bank of samples .* NaN or infinite"),
+])
+def test_search_refuses_arguments_that_would_train_nothing_or_fail_inside_torch(kwargs, message):
+    """batch=0 returned a 'searched' file after 0 training calls; a negative batch, a 1-D bank or lr=NaN failed with
+    torch's own errors. Each is one InvalidInput naming the argument, before any model call."""
+    from fewstep.errors import InvalidInput
+
+    calls = []
+
+    def model(x, s):
+        calls.append(s)
+        return torch.zeros_like(x)
+
+    args = {"dim": 2, **kwargs} if "noise" not in kwargs else kwargs
+    with pytest.raises(InvalidInput, match=message):
+        S.search(model, 4, iterations=2, **args)
+    assert not calls

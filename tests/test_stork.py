@@ -286,3 +286,14 @@ def test_default_is_second_order(solver, shift):
     order, _, calls = convergence_order(solver, [64, 128, 256, 512], shift=shift, samples=8)
     assert calls == [64, 128, 256, 512]
     assert order >= 1.9
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_official_compat_names_a_step_count_it_can_make(steps):
+    """compat='official' makes intervals + 1 calls but needs two intervals: at 1 call it used to suggest 2, which
+    then said 'at least 3'. Now both name 3, and 3 runs."""
+    from fewstep.solvers.plan import StepCountError
+
+    with pytest.raises(StepCountError, match=rf"cannot make exactly {steps} model calls?; it can make 3$"):
+        fewstep.make_plan("stork-4", steps, compat="official")
+    assert fewstep.make_plan("stork-4", 3, compat="official").calls == 3

@@ -220,8 +220,8 @@ def with_shipped_solver(solver: str, options: dict, model: str) -> dict:
         return options
     from fewstep.search import shipped_solver
 
-    found = shipped_solver(model)
-    return options if found is None else {**options, "solver_file": str(found)}
+    found = shipped_solver(model)  # by its shipped name, which the metadata records and any fewstep install resolves
+    return options if found is None else {**options, "solver_file": found.stem}
 
 
 @dataclass
@@ -321,16 +321,9 @@ class EmbeddedModel:
         seed = _check_seed(seed)
         solver, chosen = resolve_scheduler(config.scheduler, config.scheduler_kwargs)
         chosen = guided_options(solver, chosen, guidance)
+        # A solver file searched on a shifted grid: `sample` warns (GridMismatchWarning); the embedded models sample
+        # unshifted.
         options = with_shipped_solver(solver, chosen, self.kind)
-        if solver == "neuralsolver":  # a file searched on a shifted grid: the embedded models sample unshifted
-            from fewstep.sampling import make_plan
-            from fewstep.search import GridMismatchWarning, grid_mismatch
-            from fewstep.solvers.neuralsolver import neuralsolver
-
-            make_plan(solver, steps, **options)  # a step count the file lacks is refused first, without the warning
-            text = grid_mismatch(neuralsolver(**options).file, 1.0)
-            if text:
-                warnings.warn(text, GridMismatchWarning, stacklevel=2)
         noise = torch.randn(1, self.dim, generator=torch.Generator().manual_seed(seed))
         model = self.net.velocity_fn(torch.tensor([label]), guidance)
         begin = 0
@@ -351,15 +344,14 @@ class EmbeddedModel:
         if config.width is not None or config.height is not None:
             size = (config.width or config.height, config.height or config.width)
             image = image.resize(size, resample=0)
-        return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance, image, chosen))
+        return GeneratedImage(image, _metadata(self.name, prompt, seed, config, steps, guidance, image, options))
 
 
     def _image_to_x(self, path: str):
         """An image file as one model state (1, dim), after `read_image` has checked that it is a readable image."""
         if self.kind == "digits":
             return _digit_from_image(path)
-        read_image(path)
-        return self.module.image_to_x(path)
+        return self.module.image_to_x(read_image(path))
 
 
 def _digit_from_image(path: str):

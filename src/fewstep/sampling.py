@@ -13,6 +13,7 @@ s = σ_t/(α_t+σ_t), x̃ = x/(α_t+σ_t), where dx̃/ds = ε − x0; Euler ther
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from fewstep import solvers
 from fewstep.entry import enter, epsilon_plan
 from fewstep.errors import InvalidInput, NonFiniteError
 from fewstep.schedules import VPSchedule, flow_sigmas, shift_problem
+from fewstep.solvers.neuralsolver import NeuralSolver
 from fewstep.solvers.plan import Plan, PlanRun, Solver, grid_plan, intervals_for
 from fewstep.solvers.registry import RECOMMENDED
 
@@ -76,7 +78,10 @@ def resolve_solver(solver: str | Solver, options: dict, prediction: str = "flow"
 
 
 def _flow_run(solver: str | Solver, steps: int | None, shift: float, mu: float | None, sigmas: Sequence[float] | None,
-              time_shift_type: str, begin_index: int, solver_options: dict) -> Plan:
+              time_shift_type: str, begin_index: int, solver_options: dict, warn: bool = False) -> Plan:
+    """The plan of a flow run; with `warn`, a GridMismatchWarning when a searched solver file runs on another shift /
+    μ than it was searched on: its own grid is used, so the requested one has no effect (as `fewstep generate` and the
+    diffusers scheduler warn)."""
     obj, name = resolve_solver(solver, solver_options)
     problem = shift_problem(shift, mu)
     if problem:
@@ -89,6 +94,17 @@ def _flow_run(solver: str | Solver, steps: int | None, shift: float, mu: float |
     plan = grid_plan(obj, grid)
     if steps is not None and plan.calls != steps:
         raise InvalidInput(f"{name} makes {plan.calls} model calls on the given sigmas, but steps={steps}")
+    if isinstance(obj, NeuralSolver) and grid[0] < 1.0:
+        # its file's searched grid runs from σ = 1 whatever the caller's grid says: a grid from below would be noise
+        # treated as pure noise
+        raise InvalidInput(f"{name} samples on its file's own searched grid from sigma = 1; the given sigmas start at "
+                           f"{grid[0]:.6g} (only their count is used, so they must start at 1)")
+    if warn and isinstance(obj, NeuralSolver):
+        from fewstep.search import GridMismatchWarning, grid_mismatch
+
+        text = grid_mismatch(obj.file, shift, mu)
+        if text:
+            warnings.warn(text, GridMismatchWarning, stacklevel=3)
     return enter(obj, grid, plan, begin_index, name)
 
 
@@ -121,10 +137,12 @@ def sample(model: Callable[[Any, float], Any], noise: Any, solver: str | Solver 
     result in the input dtype) and NumPy arrays.
     """
     _check_state(noise)
+    if check_finite and not _all_finite(noise):
+        raise InvalidInput("noise contains NaN or infinite values")
     if prediction == "flow":
         if timesteps is not None or vp is not None:
             raise InvalidInput("`timesteps` and `vp` apply to prediction='epsilon'; flow models take `sigmas`")
-        plan = _flow_run(solver, steps, shift, mu, sigmas, time_shift_type, begin_index, solver_options)
+        plan = _flow_run(solver, steps, shift, mu, sigmas, time_shift_type, begin_index, solver_options, warn=True)
         return execute(plan, model, noise, callback=callback, progress=progress, check_finite=check_finite,
                        desc=solver if isinstance(solver, str) else None)
     if prediction != "epsilon":
@@ -151,7 +169,12 @@ def sample(model: Callable[[Any, float], Any], noise: Any, solver: str | Solver 
         raise InvalidInput(f"{name} makes {plan.calls} model calls on the given timesteps, but steps={steps}")
     # The flow plan in s, entered at k, rewritten on (x, ε) (fewstep.entry): the model sees x and returns ε as it is.
     plan = epsilon_plan(enter(obj, grid, plan, begin_index, name))
-    return execute(plan, model, noise, times=vp.from_flow(plan.sigmas), callback=callback, progress=progress,
+    # The model sees the VP times of the grid as given (a round trip through s would move them by ulps, and a model
+    # that looks up int(t·1000) would see another timestep); nodes off the grid (a searched file's own) are converted.
+    given = dict(zip(grid.tolist(), times.tolist(), strict=True))
+    model_times = [given.get(s, t) for s, t in zip(plan.sigmas.tolist(), vp.from_flow(plan.sigmas).tolist(),
+                                                   strict=True)]
+    return execute(plan, model, noise, times=model_times, callback=callback, progress=progress,
                    check_finite=check_finite, desc=name)
 
 

@@ -1107,6 +1107,12 @@ def search_target(target: Target | Sequence[Target], steps: int | Sequence[int],
     steps = tuple(int(n) for n in wanted)
     if not (isinstance(iterations, (int, np.integer)) and iterations >= 1):
         raise InvalidInput(f"iterations must be an integer of at least 1, got {iterations!r}")
+    if batch is not None and not (isinstance(batch, (int, np.integer)) and not isinstance(batch, bool)
+                                  and 1 <= batch <= MAX_BATCH):
+        raise InvalidInput(f"batch must be an integer from 1 to {MAX_BATCH} (noises per iteration), got {batch!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)) \
+            or not (math.isfinite(lr) and lr > 0):
+        raise InvalidInput(f"lr must be a finite number above 0 (the learning rate), got {lr!r}")
     # The same rules as --shift and --mu: a shift of 0 or NaN would surface as a "diverged" search blaming the lr.
     problem = shift_problem(shift, mu)
     if problem:
@@ -1304,7 +1310,13 @@ def noise_bank(model: Callable[[Any, float], Any], noise: Any, *, validation: in
     `teacher_bank(model, noise, teacher, teacher_steps)` if already solved, else it is solved here."""
     import torch
 
-    noise = torch.as_tensor(noise).to(torch.float64)
+    try:
+        noise = torch.as_tensor(noise).to(torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise InvalidInput(f"noise must be a tensor or array of numbers, got {type(noise).__name__}") from None
+    if noise.ndim < 2 or not bool(torch.isfinite(noise).all()):
+        raise InvalidInput(f"noise must be a finite bank of samples with the samples on the first axis (at least 2-D), "
+                           f"got shape {tuple(noise.shape)}{'' if noise.ndim < 2 else ' with NaN or infinite values'}")
     held = max(1, len(noise) // 8) if validation is None else validation
     if not 0 <= held < len(noise):
         raise ValueError(f"validation must leave training samples: {held} of {len(noise)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from fewstep.bench.grids import Grid, get_grid
 from fewstep.bench.measure import SEARCH_BATCH, run_bench
 from fewstep.bench.problems import PROBLEMS, Problem, _digest, is_image, load_problem
 from fewstep.errors import FewstepError, InputFileError, InvalidInput
+from fewstep.search import GridMismatchWarning
 from fewstep.solvers.neuralsolver import SolverFile
 from fewstep.solvers.plan import StepCountError
 
@@ -157,7 +159,9 @@ def _errors(task: Problem, file: SolverFile | None, nfe: int) -> np.ndarray | No
     if file is None:
         return None
     try:
-        x = fewstep.sample(task.velocity, task.noise, "neuralsolver", nfe, solver_file=file)
+        with warnings.catch_warnings():  # a file from another grid is what this suite measures, not a mistake
+            warnings.simplefilter("ignore", GridMismatchWarning)
+            x = fewstep.sample(task.velocity, task.noise, "neuralsolver", nfe, solver_file=file)
     except StepCountError:
         return None
     return stats.per_sample_sq(x.double(), task.reference)

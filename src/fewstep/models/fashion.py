@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from torch.nn import functional as F
 
 from fewstep.errors import InvalidInput
 from fewstep.models.digits import frechet_distance, guided_velocity, image_grid, load_network, sinusoidal
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 SIDE = 28
 DIM = SIDE * SIDE
@@ -246,12 +250,13 @@ def to_image(x: torch.Tensor, scale: int = 8, nrow: int | None = None):
     return image_grid(pixels, scale, nrow, gap=2, background=128)
 
 
-def image_to_x(path: str):
-    """An image file as one (1, 784) Fashion-MNIST-style state in [−1, 1] (grey values as they are: cloth light on a
-    dark background), for img2img."""
+def image_to_x(image: Image.Image) -> torch.Tensor:
+    """A decoded image (`fewstep.generate.read_image`: 16-bit and float images already scaled to 0-255) as one
+    (1, 784) Fashion-MNIST-style state in [−1, 1] (grey values as they are: cloth light on a dark background), for
+    img2img."""
     from PIL import Image
 
-    grey = np.asarray(Image.open(path).convert("L").resize((SIDE, SIDE), Image.BILINEAR), dtype=np.float64) / 255.0
+    grey = np.asarray(image.convert("L").resize((SIDE, SIDE), Image.BILINEAR), dtype=np.float64) / 255.0
     return torch.from_numpy(grey * 2.0 - 1.0).reshape(1, DIM).float()
 
 

@@ -110,8 +110,8 @@ class Plan:
 class Solver(Protocol):
     """What a solver provides: how many model calls it makes on a grid, and the plan for a grid."""
 
-    def calls(self, intervals: int) -> int:
-        """Model calls this solver makes on a σ grid of `intervals` intervals."""
+    def calls(self, intervals: int) -> int | None:
+        """Model calls this solver makes on a σ grid of `intervals` intervals (None: it cannot run on so few)."""
 
     def plan(self, grid: np.ndarray) -> Plan:
         """The plan on `grid` (strictly decreasing σ, last entry = where sampling ends)."""
@@ -127,8 +127,12 @@ def intervals_for(solver: Solver, steps: int, name: str = "this solver") -> int:
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise InvalidInput(f"steps (model calls) must be a positive integer, got {steps!r}")
     possible = []
-    for n in range(1, steps + 1):
+    for n in range(1, steps + 9):
+        if n > steps and possible:  # past `steps` only until a count it can make is found, to name one
+            break
         calls = solver.calls(n)
+        if calls is None:
+            continue
         if calls == steps:
             return n
         if calls <= 4 * steps + 8:
@@ -136,7 +140,7 @@ def intervals_for(solver: Solver, steps: int, name: str = "this solver") -> int:
         if calls > steps and len(possible) > 4:
             break
     options = sorted(set(possible))
-    raise StepCountError(f"{name} cannot make exactly {steps} model calls; it can make "
+    raise StepCountError(f"{name} cannot make exactly {steps} model call{'' if steps == 1 else 's'}; it can make "
                          f"{', '.join(map(str, options[:8]))}{', ...' if len(options) > 8 else ''}")
 
 

@@ -151,8 +151,10 @@ class Stork:
             raise InvalidInput("compat='official' reproduces only derivative_order=2 with extrapolate='velocity' "
                              "(the official derivative_order=3 formulas are inconsistent, docs/stork.md §Derivatives)")
 
-    def calls(self, intervals: int) -> int:
-        return intervals + 1 if self.compat == "official" else intervals
+    def calls(self, intervals: int) -> int | None:
+        if self.compat != "official":
+            return intervals
+        return intervals + 1 if intervals >= 2 else None  # the official start-up needs two intervals
 
     def _core(self, f: Drift, y0: np.ndarray, t0: float, h: float, official: bool) -> np.ndarray:
         step = rkg2_step if self.order == 2 else rock4_step
