@@ -54,6 +54,7 @@ def test_epsilon_shape_error_names_the_vp_time():
     (dict(shift=1e-300), "shift must be a number from"),  # every σ rounds to 0 or 1: no grid
     (dict(shift=1e308), "shift must be a number from"),
     (dict(mu=1e6), "mu must be a finite number from -50 to 50"),
+    (dict(mu=1.0, shift=3.0), "give shift or mu, not both"),  # the shift was silently ignored
     (dict(sigmas="abc"), "sigmas must be a list of numbers"),
     (dict(sigmas=[[1.0, 0.5]]), "sigmas must be a flat list"),
     (dict(sigmas=[2.0, 0.5, 0.1]), r"noise levels in \[0, 1\]"),

@@ -86,6 +86,8 @@ def _flow_run(solver: str | Solver, steps: int | None, shift: float, mu: float |
     problem = shift_problem(shift, mu)
     if problem:
         raise InvalidInput(problem)
+    if mu is not None and shift != 1.0:  # mu sets the shift (e^mu); a second one would be ignored
+        raise InvalidInput("give shift or mu, not both")
     if sigmas is None:
         grid = flow_sigmas(intervals_for(obj, 8 if steps is None else steps, name), shift, mu,
                            time_shift_type=time_shift_type)

@@ -70,8 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-samples", type=int, default=None,
                         help=f"noises per embedded-model problem (default {IMAGE_SAMPLES}, at most {MAX_SAMPLES})")
     parser.add_argument("--refine", type=int, default=None,
-                        help="headline cells whose 95 %% intervals overlap are rerun on this many times the "
-                             "problem's noises more (default: 1 for the headline suite, 0 otherwise)")
+                        help="headline cells whose paired 95 %% interval of the ratio to the best peer contains 1 "
+                             "are rerun on this many times the problem's noises more (default: 1 for the headline "
+                             "suite, 0 otherwise)")
     parser.add_argument("--bootstrap", type=int, default=None,
                         help=f"bootstrap resamples per confidence interval (default 2000, at most {MAX_RESAMPLES})")
     parser.add_argument("--seed", type=int, default=0)
