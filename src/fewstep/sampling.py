@@ -97,8 +97,8 @@ def _flow_run(solver: str | Solver, steps: int | None, shift: float, mu: float |
     if steps is not None and plan.calls != steps:
         raise InvalidInput(f"{name} makes {plan.calls} model calls on the given sigmas, but steps={steps}")
     if isinstance(obj, NeuralSolver) and grid[0] < 1.0:
-        # its file's searched grid runs from σ = 1 whatever the caller's grid says: a grid from below would be noise
-        # treated as pure noise
+        # the file's searched grid runs from σ = 1 whatever the caller's grid says: an input at a lower σ (img2img by
+        # hand) would be taken for pure noise
         raise InvalidInput(f"{name} samples on its file's own searched grid from sigma = 1; the given sigmas start at "
                            f"{grid[0]:.6g} (only their count is used, so they must start at 1)")
     if warn and isinstance(obj, NeuralSolver):
