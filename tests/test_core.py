@@ -186,7 +186,7 @@ def test_unknown_solver_lists_the_names():
 
 @pytest.mark.parametrize("solver,steps,match", [
     ("euler", 0, "positive integer"), ("euler", -3, "positive integer"), ("heun", 5, "can make 2, 4, 6"),
-    ("adams4", 2.5, "positive integer"),
+    ("adams4", 2.5, "positive integer"), ("euler", 10**9, "positive integer of at most 100000"),
 ])
 def test_bad_step_counts(solver, steps, match):
     with pytest.raises(ValueError, match=match):
@@ -206,3 +206,13 @@ def test_sigmas_must_decrease_and_mu_is_required_for_dynamic_shifting():
         fewstep.sample(lambda x, s: x, torch.zeros(2), "euler", sigmas=[1.0, 0.5, 0.7])
     with pytest.raises(ValueError, match="needs `mu`"):
         flow_sigmas(8, dynamic_shifting=True)
+
+
+@pytest.mark.parametrize("kwargs", [dict(intervals=2.7), dict(intervals="3"), dict(intervals=0), dict(intervals=True),
+                                    dict(intervals=4, num_train_timesteps=0)])
+def test_flow_sigmas_refuses_interval_counts_it_would_round_or_cannot_use(kwargs):
+    """flow_sigmas(2.7) silently made 2 intervals, and num_train_timesteps=0 failed with an IndexError."""
+    from fewstep.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="intervals and num_train_timesteps must be positive integers"):
+        fewstep.flow_sigmas(**kwargs)

@@ -88,8 +88,10 @@ def flow_sigmas(intervals: int | None = None, shift: float = 1.0, mu: float | No
     if dynamic and mu is None:
         raise InvalidInput("dynamic shifting needs `mu` (Flux/SD3 compute it from the image size); none was given")
     if sigmas is None:
-        if intervals is None or int(intervals) < 1:
-            raise InvalidInput(f"intervals must be a positive integer, got {intervals!r}")
+        if isinstance(intervals, bool) or not isinstance(intervals, (int, np.integer)) or intervals < 1 \
+                or not (isinstance(num_train_timesteps, (int, np.integer)) and num_train_timesteps >= 1):
+            raise InvalidInput(f"intervals and num_train_timesteps must be positive integers, got {intervals!r} and "
+                               f"{num_train_timesteps!r}")
         train = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1] / np.float32(
             num_train_timesteps)
         if not dynamic:

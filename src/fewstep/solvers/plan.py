@@ -117,6 +117,9 @@ class Solver(Protocol):
         """The plan on `grid` (strictly decreasing σ, last entry = where sampling ends)."""
 
 
+MAX_CALLS = 100_000  # a plan is a few Python objects per call: 10⁹ calls exhausted memory before the first one
+
+
 class StepCountError(InvalidInput):
     """A solver cannot make exactly the requested number of model calls (a ValueError, for callers that only need
     that; the bench uses the type to leave such cells blank and let every other error through)."""
@@ -124,8 +127,8 @@ class StepCountError(InvalidInput):
 
 def intervals_for(solver: Solver, steps: int, name: str = "this solver") -> int:
     """The number of grid intervals on which `solver` makes exactly `steps` model calls."""
-    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-        raise InvalidInput(f"steps (model calls) must be a positive integer, got {steps!r}")
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= MAX_CALLS:
+        raise InvalidInput(f"steps (model calls) must be a positive integer of at most {MAX_CALLS}, got {steps!r}")
     possible = []
     for n in range(1, steps + 9):
         if n > steps and possible:  # past `steps` only until a count it can make is found, to name one
