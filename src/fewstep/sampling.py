@@ -22,7 +22,7 @@ import numpy as np
 from fewstep import solvers
 from fewstep.entry import enter, epsilon_plan
 from fewstep.errors import InvalidInput, NonFiniteError
-from fewstep.schedules import VPSchedule, flow_sigmas, shift_problem
+from fewstep.schedules import VPSchedule, check_shift_arguments, flow_sigmas
 from fewstep.solvers.neuralsolver import NeuralSolver
 from fewstep.solvers.plan import Plan, PlanRun, Solver, grid_plan, intervals_for
 from fewstep.solvers.registry import RECOMMENDED
@@ -83,11 +83,7 @@ def _flow_run(solver: str | Solver, steps: int | None, shift: float, mu: float |
     μ than it was searched on: its own grid is used, so the requested one has no effect (as `fewstep generate` and the
     diffusers scheduler warn)."""
     obj, name = resolve_solver(solver, solver_options)
-    problem = shift_problem(shift, mu)
-    if problem:
-        raise InvalidInput(problem)
-    if mu is not None and shift != 1.0:  # mu sets the shift (e^mu); a second one would be ignored
-        raise InvalidInput("give shift or mu, not both")
+    check_shift_arguments(shift, mu)
     if sigmas is None:
         grid = flow_sigmas(intervals_for(obj, 8 if steps is None else steps, name), shift, mu,
                            time_shift_type=time_shift_type)

@@ -50,6 +50,16 @@ def shift_problem(shift: object = 1.0, mu: object = None) -> str | None:
     return None
 
 
+def check_shift_arguments(shift: object, mu: object) -> None:
+    """InvalidInput for a bad `shift` or `mu` (`shift_problem`), or for both: μ sets the shift (e^μ), so a second
+    one would be ignored. For the Python API's `shift=` / `mu=` arguments (`fewstep.sample`, `fewstep.search`)."""
+    problem = shift_problem(shift, mu)
+    if problem:
+        raise InvalidInput(problem)
+    if mu is not None and shift != 1.0:
+        raise InvalidInput("give shift or mu, not both")
+
+
 def respace(hi: float, lo: float, n: int, spacing: str) -> np.ndarray:
     """n values from `hi` down to `lo`, spaced as diffusers' `use_karras_sigmas` (Karras et al. 2022, eq. 5, ρ = 7:
     uniform in σ^(1/ρ)), `use_exponential_sigmas` (uniform in log σ) or `use_beta_sigmas` (Lee et al. 2024: quantiles

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from fewstep.errors import FewstepError, InputFileError, InvalidInput, NonFiniteError
-from fewstep.schedules import shift_problem
+from fewstep.schedules import check_shift_arguments, shift_problem
 from fewstep.solvers.neuralsolver import SolverFile
 
 LOSSES = ("final", "robust", "reweighted", "trajectory")
@@ -1114,11 +1114,7 @@ def search_target(target: Target | Sequence[Target], steps: int | Sequence[int],
             or not (math.isfinite(lr) and lr > 0):
         raise InvalidInput(f"lr must be a finite number above 0 (the learning rate), got {lr!r}")
     # The same rules as --shift and --mu: a shift of 0 or NaN would surface as a "diverged" search blaming the lr.
-    problem = shift_problem(shift, mu)
-    if problem:
-        raise InvalidInput(problem)
-    if mu is not None and shift != 1.0:
-        raise InvalidInput("give shift or mu, not both")
+    check_shift_arguments(shift, mu)
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if init not in ("adams2", "euler"):
