@@ -92,15 +92,15 @@ def _flow_run(solver: str | Solver, steps: int | None, shift: float, mu: float |
     plan = grid_plan(obj, grid)
     if steps is not None and plan.calls != steps:
         raise InvalidInput(f"{name} makes {plan.calls} model calls on the given sigmas, but steps={steps}")
-    if isinstance(obj, NeuralSolver) and grid[0] < 1.0:
-        # the file's searched grid runs from σ = 1 whatever the caller's grid says: an input at a lower σ (img2img by
-        # hand) would be taken for pure noise
-        raise InvalidInput(f"{name} samples on its file's own searched grid from sigma = 1; the given sigmas start at "
-                           f"{grid[0]:.6g} (only their count is used, so they must start at 1)")
-    if warn and isinstance(obj, NeuralSolver):
+    if isinstance(obj, NeuralSolver):
+        if grid[0] < 1.0:
+            # the file's searched grid runs from σ = 1 whatever the caller's grid says: an input at a lower σ (img2img
+            # by hand) would be taken for pure noise
+            raise InvalidInput(f"{name} samples on its file's own searched grid from sigma = 1; the given sigmas start "
+                               f"at {grid[0]:.6g} (only their count is used, so they must start at 1)")
         from fewstep.search import GridMismatchWarning, grid_mismatch
 
-        text = grid_mismatch(obj.file, shift, mu)
+        text = grid_mismatch(obj.file, shift, mu) if warn else None
         if text:
             warnings.warn(text, GridMismatchWarning, stacklevel=3)
     return enter(obj, grid, plan, begin_index, name)
