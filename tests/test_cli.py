@@ -473,8 +473,9 @@ def test_search_checks_its_output_before_searching(capsys, tmp_path, monkeypatch
     (tmp_path / "ro.json").chmod(0o444)
     for out, fragment in ((f"{tmp_path}/", "names a directory"), (tmp_path, "names a directory"),
                           (tmp_path / "ro.json", "read-only"), ("/proc/x/s.json", "--out /proc/x/s.json")):
-        code, _, err = fewstep(capsys, "search", "--problem", "gmm2d", "--out", out)
-        assert_one_line_error(code, err, fragment)
+        for flag in ("--out", "--output", "-o"):  # generate's spelling is accepted too
+            code, _, err = fewstep(capsys, "search", "--problem", "gmm2d", flag, out)
+            assert_one_line_error(code, err, fragment)
     assert files_in(tmp_path) == ["ro.json"]
 
 

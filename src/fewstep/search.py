@@ -1454,9 +1454,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", default="6",
                         help=f"model calls (NFE) of the searched solver, 2-{MAX_SEARCH_STEPS}; a list (4,6,8) or a "
                              "range (4-10) searches each and writes them into one file (default 6)")
-    parser.add_argument("--out", required=True,
+    parser.add_argument("--out", "--output", "-o", dest="out", required=True,
                         help="where to write the solver file (JSON, written atomically; checked before the search); "
-                             "the checkpoint goes to OUT.ckpt")
+                             "the checkpoint goes to OUT.ckpt (--output and -o as in generate)")
     parser.add_argument("--shift", type=float, default=1.0,
                         help="the grid the model samples on (static shift, default 1): the search starts there and "
                              "the file records it")
