@@ -271,6 +271,7 @@ def test_a_solver_with_options_is_its_own_row():
     ("adams", "unknown solver 'adams' (did you mean 'adams2'?)"),  # `fewstep generate`'s family name, its default
     ("linear", "unknown solver 'linear' (did you mean 'euler'?)"),  # mflux's Euler alias
     ("stork2", "unknown solver 'stork2' (did you mean 'stork-2'?)"),
+    ("Adams-Denoise", "unknown solver 'Adams-Denoise' (did you mean 'adams-denoise'?)"),
     ("generate:corrector=true", "'generate' takes no options")])
 def test_a_near_miss_in_solvers_names_what_was_meant(spec, message):
     with pytest.raises(InvalidInput, match=re.escape(f"--solvers: {message}" if "unknown" in message else message)):

@@ -737,7 +737,8 @@ def test_epsilon_pixart_real_config_runs_every_solver_with_exact_constant_noise(
 # --- bad input: clear errors at construction / set_timesteps ------------------------------------------------------
 
 @pytest.mark.parametrize("make,message", [
-    (lambda: FewstepScheduler(solver="nope"), "unknown solver 'nope'"),
+    (lambda: FewstepScheduler(solver="nope"), "unknown solver 'nope'; available: euler"),
+    (lambda: FewstepScheduler(solver="Stork-4"), "unknown solver 'Stork-4'; did you mean 'stork-4'"),
     (lambda: FewstepScheduler(solver="adams2", solver_options={"stages": 3}), "no option 'stages'"),
     (lambda: FewstepScheduler(prediction_type="v_prediction"), "prediction_type must be one of"),
     (lambda: FewstepScheduler(solver="neuralsolver", prediction_type="epsilon"), "made for prediction='flow'"),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import importlib
 import os
 import signal
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from typing import NoReturn
 
 from fewstep import __version__
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, close_match
 
 COMMANDS = {
     "generate": ("fewstep.generate", "generate images (default: the embedded Fashion-MNIST model, offline)"),
@@ -68,8 +67,8 @@ def _one_line(err: BaseException) -> str:
 def _parse_and_run(argv: list[str]) -> int:
     command = _command_in(argv)
     if command is not None and command not in COMMANDS:
-        close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; commands: {', '.join(COMMANDS)}"
+        close = close_match(command, COMMANDS)
+        hint = f"; did you mean {close!r}?" if close else f"; commands: {', '.join(COMMANDS)}"
         print(f"fewstep: error: unknown command {command!r}{hint}", file=sys.stderr)
         return 2
     try:

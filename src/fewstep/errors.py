@@ -7,6 +7,9 @@ built-in keep working.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class FewstepError(Exception):
     """Something the user asked for cannot be done: bad input, option, file or model. The message names the flag,
@@ -23,3 +26,10 @@ class InputFileError(FewstepError, OSError):
 
 class NonFiniteError(FewstepError, FloatingPointError):
     """The model returned NaN or Inf."""
+
+
+def close_match(word: str, choices: Iterable[str]) -> str | None:
+    """The choice a mistyped `word` most likely meant, ignoring case ("STORK-2" → "stork-2"), or None."""
+    by_folded = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(str(word).lower(), list(by_folded), n=1, cutoff=0.6)
+    return by_folded[close[0]] if close else None

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import io
 import json
 import math
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fewstep.errors import FewstepError, InputFileError, InvalidInput, NonFiniteError
+from fewstep.errors import FewstepError, InputFileError, InvalidInput, NonFiniteError, close_match
 from fewstep.models import EMBEDDED
 from fewstep.solvers.denoise import guided_options
 from fewstep.solvers.registry import RECOMMENDED
@@ -79,8 +78,8 @@ class Config:
 
 
 def _suggest(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = close_match(word, choices)
+    return f"; did you mean {close!r}?" if close else ""
 
 
 def _is_int(value: Any) -> bool:

@@ -9,7 +9,6 @@ through the grid a pipeline would pass (`fewstep.bench.grids`); NFE is always th
 from __future__ import annotations
 
 import csv
-import difflib
 import functools
 import io
 import json
@@ -28,7 +27,7 @@ from fewstep.bench.grids import Grid, get_grid
 from fewstep.bench.peers import NOTES as PEER_NOTES
 from fewstep.bench.peers import PEERS, is_peer, peer_method
 from fewstep.bench.problems import Problem, load_problem
-from fewstep.errors import FewstepError, InvalidInput
+from fewstep.errors import FewstepError, InvalidInput, close_match
 from fewstep.files import atomic_write, check_output
 from fewstep.solvers.denoise import guided_options
 from fewstep.solvers.plan import StepCountError
@@ -154,10 +153,10 @@ def _close(word: str, choices: list[str]) -> str:
     from fewstep.generate import resolve_scheduler
 
     try:
-        close = [resolve_scheduler(word, {})[0]]
+        close = resolve_scheduler(word, {})[0]
     except FewstepError:
-        close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+        close = close_match(word, choices)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def check_solvers(solvers: list[str] | None) -> list[str]:

@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fewstep.errors import InvalidInput
+from fewstep.errors import InvalidInput, close_match
 from fewstep.solvers.plan import Solver
 
 
@@ -47,7 +47,9 @@ def names() -> list[str]:
 
 def info(name: str) -> SolverInfo:
     if name not in _REGISTRY:
-        raise InvalidInput(f"unknown solver {name!r}; available: {', '.join(_REGISTRY)}")
+        close = close_match(name, _REGISTRY)
+        hint = f"did you mean {close!r}? " if close else ""
+        raise InvalidInput(f"unknown solver {name!r}; {hint}available: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
 
 
