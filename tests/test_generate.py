@@ -61,7 +61,8 @@ def test_same_seed_gives_identical_bytes_and_several_seeds_several_files(tmp_pat
     (["--prompt", "7", "--scheduler", "dpm++"], "unknown solver 'dpm++' (--scheduler); available"),
     (["--prompt", "7", "--scheduler", "STORK-2"], "did you mean 'stork-2'?"),  # the name's case, noticed
     (["--prompt", "7", "--steps", "0"], "--steps) must be an integer from 1 to 1000, got 0"),
-    (["--prompt", "7", "--scheduler", "heun", "--steps", "5"], "cannot make exactly 5"),
+    (["--prompt", "7", "--scheduler", "heun", "--steps", "5"], "--steps 5: heun cannot make exactly 5"),
+    (["--prompt", "7", "--scheduler", "neuralsolver", "--steps", "3"], "--steps 3: solver file"),
     (["--prompt", "7", "--model", "schnell"], "`hf download black-forest-labs/FLUX.1-schnell`"),
     (["--prompt", "7", "--scheduler-kwargs", "{\"stages\": 3}"], "no option 'stages'"),
     (["--prompt", "7", "--scheduler", "stork-4", "--scheduler-kwargs", "{\"order\": 2}"], "contradicts"),

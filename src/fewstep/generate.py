@@ -28,6 +28,7 @@ from typing import Any
 from fewstep.errors import FewstepError, InputFileError, InvalidInput, NonFiniteError, close_match
 from fewstep.models import EMBEDDED
 from fewstep.solvers.denoise import guided_options
+from fewstep.solvers.plan import StepCountError
 from fewstep.solvers.registry import RECOMMENDED
 
 EULER_ALIASES = {"linear": "euler", "flow_match_euler_discrete": "euler", "FlowMatchEulerDiscreteScheduler": "euler"}
@@ -777,15 +778,19 @@ def run(args: argparse.Namespace) -> int:
         if mflux is not None and _is_int(steps) and 1 <= steps <= MAX_STEPS:
             config.image_strength = mflux_strength(mflux, steps)
         steps, _ = check_config(config, default_steps, default_guidance)
-        build_solver(solver, options, steps)
-        if image_path is not None:  # a solver that cannot enter the schedule mid-way is refused before loading
-            from fewstep.entry import StageEntryWarning, begin_index_for_strength
-            from fewstep.sampling import make_plan
+        from fewstep.entry import StageEntryWarning, begin_index_for_strength
+        from fewstep.sampling import make_plan
 
-            strength_used = image_strength(config)
+        # The plan itself, before any model loads: a solver file without this step count, or a solver that cannot
+        # enter the schedule mid-way for img2img, is refused here. The solver's message does not know --steps.
+        begin = 0 if image_path is None else begin_index_for_strength(steps, image_strength(config))
+        try:
+            build_solver(solver, options, steps)
             with warnings.catch_warnings():  # the run itself says it, once
                 warnings.simplefilter("ignore", StageEntryWarning)
-                make_plan(solver, steps, begin_index=begin_index_for_strength(steps, strength_used), **options)
+                make_plan(solver, steps, begin_index=begin, **options)
+        except StepCountError as err:
+            raise StepCountError(f"--steps {steps}: {err}") from None
         return config
 
     embedded = args.model is None or args.model in EMBEDDED_NAMES
