@@ -572,3 +572,12 @@ def test_overhead_flag_prints_and_writes_the_overhead_table(tmp_path, capsys, mo
     rows = list(csv.DictReader((tmp_path / "overhead.csv").open()))
     assert [(r["solver"], r["shape"]) for r in rows] == [("euler", "1x16x4")] * 2
     assert all(float(r["ratio"]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("solvers, fragment", [("nope", "--solvers: unknown solver 'nope'"),
+                                               ("neuralsolver", "no 28-step solver"),  # the suite times 28 steps
+                                               ("euler,Stork-2", "did you mean 'stork-2'?")])
+def test_overhead_names_solvers_it_cannot_time(tmp_path, solvers, fragment):
+    with pytest.raises(InvalidInput, match=r"^--solvers: .*" + re.escape(fragment)):
+        run(_args("--overhead", "--solvers", solvers, "--out", str(tmp_path)))
+    assert list(tmp_path.iterdir()) == []

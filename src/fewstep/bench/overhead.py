@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from fewstep.bench.grids import FLUX_DEV, flux_mu
+from fewstep.errors import InvalidInput
+from fewstep.solvers.plan import StepCountError
 
 DTYPES = (torch.bfloat16, torch.float32)
 
@@ -44,18 +46,19 @@ def _loop_seconds(scheduler, sample: torch.Tensor, output: torch.Tensor, steps: 
 
 def _measurable(solvers: list[str] | None, steps: int) -> list[str]:
     """The solvers to time: all registered ones that can make `steps` calls with their default options (the shipped
-    NeuralSolver tables stop at 10-15 steps) unless a list is given, whose failures are the caller's errors."""
+    NeuralSolver tables stop at 10-15 steps), or the given list, each checked (InvalidInput naming --solvers)."""
     from fewstep import solvers as registry
     from fewstep.diffusers import FewstepScheduler
 
-    if solvers is not None:
-        return list(solvers)
     usable = []
-    for name in registry.names():
+    for name in registry.names() if solvers is None else solvers:
         try:
             FewstepScheduler(solver=name, **FLUX_DEV).set_timesteps(steps, mu=1.0)
-        except ValueError:
-            continue
+        except ValueError as err:
+            if solvers is None:
+                continue
+            timed = f" (the overhead suite times {steps} steps)" if isinstance(err, StepCountError) else ""
+            raise InvalidInput(f"--solvers: {' '.join(str(err).split())}{timed}") from None
         usable.append(name)
     return usable
 
