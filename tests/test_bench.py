@@ -574,7 +574,7 @@ def test_overhead_flag_prints_and_writes_the_overhead_table(tmp_path, capsys, mo
     assert all(float(r["ratio"]) > 0 for r in rows)
 
 
-@pytest.mark.parametrize("solvers, fragment", [("nope", "--solvers: unknown solver 'nope'"),
+@pytest.mark.parametrize("solvers, fragment", [("nope", "unknown solver 'nope'"),
                                                ("neuralsolver", "no 28-step solver"),  # the suite times 28 steps
                                                ("euler,Stork-2", "did you mean 'stork-2'?")])
 def test_overhead_names_solvers_it_cannot_time(tmp_path, solvers, fragment):
