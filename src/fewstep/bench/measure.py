@@ -12,6 +12,7 @@ import csv
 import functools
 import io
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -301,7 +302,10 @@ def tables(rows: list[dict], stem: str) -> dict[str, bytes]:
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
     writer.writerows(rows)
-    return {f"{stem}.csv": buf.getvalue().encode(), f"{stem}.json": json.dumps(rows, indent=1).encode()}
+    # JSON has no NaN: a value that does not exist (FD-ref of a mixture, Euler where it cannot make the NFE) is null.
+    strict = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+    return {f"{stem}.csv": buf.getvalue().encode(),
+            f"{stem}.json": json.dumps(strict, indent=1, allow_nan=False).encode()}
 
 
 def write_files(files: dict[Path, bytes]) -> None:
