@@ -91,6 +91,7 @@ def test_grids_are_the_pipeline_grids():
     e = math.exp(1.15)
     assert flux.sigmas(4) == pytest.approx(np.append(e * s / (1 + (e - 1) * s), 0.0), abs=1e-7)
     assert [g.name for g in parse_grids("all")] == ["shift1", "shift3", "flux1024"]
+    assert [g.name for g in parse_grids("shift1,shift1.0,shift3,shift3.00")] == ["shift1", "shift3"]  # ran twice
     for bad in ("shift0", "shiftx", "flux512", ""):
         with pytest.raises(InvalidInput, match="--grid"):
             parse_grids(bad)

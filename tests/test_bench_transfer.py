@@ -12,7 +12,7 @@ import fewstep.search
 from fewstep.bench import add_arguments, run, run_bench
 from fewstep.bench import transfer as tr
 from fewstep.bench.command import SEARCHED
-from fewstep.bench.transfer import DIAGONAL, FINDINGS
+from fewstep.bench.transfer import DIAGONAL, FINDINGS, parse_sources
 
 torch.set_num_threads(1)
 
@@ -124,3 +124,8 @@ def test_a_source_without_a_solver_for_an_nfe_keeps_its_row():
     lines = table.splitlines()
     assert lines[2] == "| a@shift1 (searched here) | **0.50** |"
     assert lines[3] == "| four.json (file: digits shift1) | – |"
+
+
+def test_one_search_spelled_twice_is_one_source():
+    assert [s.label for s in parse_sources("gmm2d@shift1,gmm2d@shift1.0,gmm2d@shift3")] == ["gmm2d@shift1",
+                                                                                           "gmm2d@shift3"]

@@ -82,4 +82,8 @@ def parse_grids(text: str) -> list[Grid]:
     names = HEADLINE_GRIDS if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise InvalidInput(f"--grid needs at least one grid name, got {text!r}")
-    return [get_grid(n) for n in dict.fromkeys(names)]
+    grids = {}  # by the grid's own name: shift1 and shift1.0 are one grid
+    for n in names:
+        grid = get_grid(n)
+        grids.setdefault(grid.name, grid)
+    return list(grids.values())

@@ -92,6 +92,8 @@ def parse_sources(text: str) -> list[Source]:
             except InvalidInput:
                 raise InvalidInput(f"--sources {spec}: unknown grid {grid!r}; use shift<X> with X > 0 (e.g. "
                                    "shift1, shift3)") from None
+            if any(s.problem == problem and s.grid == grid and s.file is None for s in sources):
+                continue  # the same search spelled twice (gmm8d@shift1, gmm8d@shift1.0)
             sources.append(Source(spec, problem, grid))
             continue
         shipped = shipped_dir() / f"{spec}.json"
