@@ -232,6 +232,17 @@ def test_targets_are_judged_cell_by_cell():
         hl.targets(cells))
 
 
+def test_targets_across_cells_compare_the_same_noises():
+    # A refined cell's RMSE also holds its extra noises; its neighbour's and Euler's do not. On the bench's own
+    # noises 7 → 8 falls (0.5 → 0.45) and 8 is below Euler (0.45 < 0.5); the refined 0.6 would say the opposite.
+    refined = {**_cell("digits", "shift1", 8, 0.6, 0.7, euler=0.5), "ours_base_rmse": 0.45, "peer_base_rmse": 0.4}
+    cells = [_cell("digits", "shift1", 7, 0.5, 0.6, euler=0.55), refined]
+    _, _, euler, rises, _, _ = hl.targets(cells)
+    assert (euler["passed"], rises["passed"]) == (True, True)
+    assert hl.targets([cells[0], {**refined, "ours_base_rmse": 0.52}])[3]["failing"] == [
+        "digits shift1 NFE 8: 0.5 at 7 → 0.52 at 8"]
+
+
 def test_readme_needs_both_markers_in_order(tmp_path):
     for text in ("no markers\n", f"{hl.END}\n{hl.BEGIN}\n", f"{hl.BEGIN}\n{hl.BEGIN}\n{hl.END}\n"):
         readme = tmp_path / "README.md"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fewstep.models
-from fewstep.errors import InvalidInput
+from fewstep.errors import InputFileError, InvalidInput
 from fewstep.models import fashion
 from fewstep.models.fashion import (
     CLASSES,
@@ -191,7 +191,8 @@ def test_to_image_sizes_and_cloth_is_light():
 
 def test_bench_reference_is_cached(monkeypatch, tmp_path):
     # A reference solve the package does not ship costs minutes, so it is computed once per weights, noises, guidance,
-    # tolerance and model dtype and then read from FEWSTEP_CACHE (here a stand-in solver counts the solves).
+    # tolerance and model dtype and then read from the bench's cache folder (here a stand-in solver counts the
+    # solves); with no folder (`fewstep bench --no-cache`) nothing is written.
     import fewstep.testbed
 
     calls = []
@@ -201,21 +202,23 @@ def test_bench_reference_is_cached(monkeypatch, tmp_path):
         return fewstep.testbed.ReferenceSolution(x + velocity(x, 1.0), 0.0, 1)
 
     monkeypatch.setattr(fewstep.testbed, "reference_solve", fake_solve)
-    monkeypatch.setenv(fashion.CACHE_ENV, str(tmp_path))
     noise = torch.randn(2, DIM, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     labels = torch.tensor([7, 9])
-    first = fashion.cached_reference(labels, noise, 3.0, 1e-7, seed=0)
-    assert calls == [{"rtol": 1e-7, "atol": 1e-7, "check": False}]
-    (path,) = tmp_path.iterdir()
+    cache = tmp_path / "cache"
+    first = fashion.cached_reference(labels, noise, 3.0, 1e-7, seed=0, cache=cache)
+    assert calls == [{"rtol": 1e-7, "atol": 1e-7, "check": False, "progress": None}]
+    (path,) = cache.iterdir()
     assert path.name.startswith(f"fashion-ref-{WEIGHTS_SHA256['fashion_flow.safetensors'][:16]}-n2-seed0-")
     assert path.name.endswith("-g3-rtol1e-07-f32.pt")
     assert first.dtype == torch.float64 and first.shape == (2, DIM)
-    torch.testing.assert_close(fashion.cached_reference(labels, noise, 3.0, 1e-7, seed=0), first)
+    torch.testing.assert_close(fashion.cached_reference(labels, noise, 3.0, 1e-7, seed=0, cache=cache), first)
     assert len(calls) == 1  # read back, not solved again
-    fashion.cached_reference(labels, noise, 1.0, 1e-7, seed=0)  # another guidance: another solve, another file
-    fashion.cached_reference(labels, noise + 1, 1.0, 1e-7, seed=0)  # other noises under the same seed: another
-    fashion.cached_reference(labels, noise, 1.0, 1e-7, seed=0, dtype=torch.float64)  # the float64 model: another
-    assert len(calls) == 4 and len(list(tmp_path.iterdir())) == 4
+    torch.testing.assert_close(fashion.cached_reference(labels, noise, 3.0, 1e-7, seed=0, cache=None), first)
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == [cache]  # no cache: solved again, nothing written
+    fashion.cached_reference(labels, noise, 1.0, 1e-7, seed=0, cache=cache)  # another guidance: another file
+    fashion.cached_reference(labels, noise + 1, 1.0, 1e-7, seed=0, cache=cache)  # other noises, same seed: another
+    fashion.cached_reference(labels, noise, 1.0, 1e-7, seed=0, dtype=torch.float64, cache=cache)  # float64 model
+    assert len(calls) == 5 and len(list(cache.iterdir())) == 4
 
 
 def test_bench_problem_reads_the_shipped_reference(monkeypatch, tmp_path):
@@ -227,10 +230,9 @@ def test_bench_problem_reads_the_shipped_reference(monkeypatch, tmp_path):
         raise AssertionError("the shipped reference should have been used")
 
     monkeypatch.setattr(fewstep.testbed, "reference_solve", no_solve)
-    monkeypatch.setenv(fashion.CACHE_ENV, str(tmp_path))
     for seed in fashion.SHIPPED_SEEDS:
         for guidance in (1.0, 3.0):
-            reference, check = fashion.bench_references(fashion.BENCH_SAMPLES, seed, guidance)
+            reference, check = fashion.bench_references(fashion.BENCH_SAMPLES, seed, guidance, tmp_path)
             assert reference.shape == (fashion.BENCH_SAMPLES, DIM) and check.shape == (fashion.BENCH_CHECK, DIM)
             # the float32-model solve against the float64-model one at 100x tighter tolerance
             assert (check - reference[:fashion.BENCH_CHECK]).abs().max() < 1e-4
@@ -248,3 +250,21 @@ def test_shipped_reference_is_the_flow_ode_solution():
         x = reference_solve(lambda y, s: velocity(y.float(), s), noise[5:6], rtol=1e-6, atol=1e-6, check=False).x
     error = (x - shipped[5:6]).abs().max()
     assert error < 3e-4, error  # rtol 1e-6 solves are off by up to ~2e-4 (docs/fashion.md)
+
+
+def test_the_bench_hands_its_cache_folder_to_the_fashion_problem(monkeypatch, tmp_path):
+    # `fewstep bench --cache DIR` / `--no-cache` decide where a fashion reference solve is kept (it wrote to ~/.cache
+    # whatever the flags said).
+    from fewstep.bench.problems import load_problem
+
+    seen = []
+
+    def fake_problem(samples, seed, guidance, cache, progress):
+        seen.append((samples, seed, guidance, cache, progress))
+        raise FileNotFoundError(2, "stop here", "weights")
+
+    monkeypatch.setattr(fashion, "bench_problem", fake_problem)
+    for cache, progress in ((tmp_path, True), (None, False)):
+        with pytest.raises(InputFileError):
+            load_problem("fashion-cfg3", 4, 5, cache, progress)
+    assert seen == [(4, 5, 3.0, tmp_path, "reference solve fashion-cfg3 (4 noises)"), (4, 5, 3.0, None, None)]

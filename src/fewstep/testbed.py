@@ -111,25 +111,36 @@ class _Counter:
 
 
 def reference_solve(velocity, x: torch.Tensor, sigma_start: float = 1.0, sigma_end: float = 0.0, *,
-                    rtol: float = 1e-10, atol: float = 1e-10, check: bool = True) -> ReferenceSolution:
+                    rtol: float = 1e-10, atol: float = 1e-10, check: bool = True,
+                    progress: str | None = None) -> ReferenceSolution:
     """The flow ODE dx/dσ = velocity(x, σ) from σ_start to σ_end with scipy's DOP853, the whole batch as one system.
 
     With `check`, the solve is repeated at 100× tighter tolerance and the max difference is returned as its
     accuracy (a RuntimeError is raised if it exceeds 1e3·max(rtol, atol): the tolerance did not hold).
+    `progress`: the label of a progress bar on stderr, in per cent of the σ range covered (the solver's steps are
+    adaptive, so there is no count of calls to show); None for none.
     """
     from scipy.integrate import solve_ivp
+    from tqdm.auto import tqdm
 
     shape = tuple(x.shape)
     counter = _Counter()
-
-    def rhs(s: float, y: np.ndarray) -> np.ndarray:
-        counter.calls += 1
-        v = velocity(torch.from_numpy(y.reshape(shape)), s)
-        return torch.as_tensor(v).to(torch.float64).numpy().ravel()
+    span = abs(sigma_start - sigma_end)
 
     def solve(rt: float, at: float) -> np.ndarray:
         y0 = x.detach().to(torch.float64).cpu().numpy().ravel()
-        sol = solve_ivp(rhs, (sigma_start, sigma_end), y0, method="DOP853", rtol=rt, atol=at)
+        with tqdm(total=100, desc=progress, disable=progress is None, leave=False,
+                  bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
+
+            def rhs(s: float, y: np.ndarray) -> np.ndarray:
+                counter.calls += 1
+                v = velocity(torch.from_numpy(y.reshape(shape)), s)
+                covered = int(100 * abs(s - sigma_start) / span) if span else 100
+                if covered > bar.n:  # stages may step back inside a step; the bar only moves forward
+                    bar.update(covered - bar.n)
+                return torch.as_tensor(v).to(torch.float64).numpy().ravel()
+
+            sol = solve_ivp(rhs, (sigma_start, sigma_end), y0, method="DOP853", rtol=rt, atol=at)
         if not sol.success:
             raise RuntimeError(f"reference solve failed: {sol.message}")
         return sol.y[:, -1].reshape(shape)

@@ -405,7 +405,10 @@ def _tables(args: argparse.Namespace, suite: str, out: Path | None, start: float
             header += (" Every method on every problem, with plots: "
                        + ", ".join(f"[{n}.md]({n}.md)" for n in benches) + ".")
         definitions = (stats.RMSE_DEFINITION, stats.MEDIAN_DEFINITION,
-                       "noises: the count behind the solver's and the peer's statistics in that cell",
+                       "noises: the count behind the solver's and the peer's statistics in that cell (and its ratio); "
+                       "the targets that compare cells with each other or with FlowMatchEuler (never worse than "
+                       "Euler, never rising, half the calls) use the first noises of every cell, the problem pages' "
+                       "numbers",
                        "FD-ref (image models): Fréchet distance in the shipped classifier's features to the reference "
                        "samples from the same noises, on the first noises (not the refined set)")
         text = hl.headline_markdown(cells, results, solver, header, {g.name: g.title for g in grids}, definitions)

@@ -202,7 +202,7 @@ def run_bench(problem: str | Problem = "gmm8d", solvers: list[str] | None = None
         raise InvalidInput(f"--nfe must be positive integers, got {nfe!r}")
     names = [*check_solvers(solvers), *(PEERS if peers else ())]
     grid = get_grid(grid) if isinstance(grid, str) else grid
-    task = load_problem(problem, samples, seed, cache) if isinstance(problem, str) else problem
+    task = load_problem(problem, samples, seed, cache, progress) if isinstance(problem, str) else problem
     table = methods(task, grid, seed, search_iterations, tuple(names))
     rows, kept, sqs, skipped = [], {}, {}, {}
     bar = tqdm([(name, n) for name in names for n in nfe], desc=f"bench {task.name} {grid.name}", unit="run",

@@ -72,6 +72,11 @@ def _digest(*parts) -> str:
     return h.hexdigest()[:24]
 
 
+def _label(name: str, samples: int, progress: bool) -> str | None:
+    """The progress bar's label for the reference solve of `name` (None: no bar)."""
+    return f"reference solve {name} ({samples} noises)" if progress else None
+
+
 def cached(cache: Path | None, key: str, compute: Callable[[], dict]) -> dict:
     """`compute()` (a dict of tensors and numbers), stored under `cache`/`key`.pt and read back on the next run."""
     if cache is None:
@@ -90,7 +95,7 @@ def cached(cache: Path | None, key: str, compute: Callable[[], dict]) -> dict:
     return value
 
 
-def mixture(name: str, samples: int, seed: int, cache: Path | None = None) -> Problem:
+def mixture(name: str, samples: int, seed: int, cache: Path | None = None, progress: bool = False) -> Problem:
     """A testbed mixture: exact velocity, DOP853 reference (rtol 1e-10), energy distance to fresh data samples and
     the mode-flip rate against the reference (RMSE on a mixture is dominated by the few samples that switch modes)."""
     from fewstep.testbed import energy_distance, preset, reference_solve
@@ -99,7 +104,7 @@ def mixture(name: str, samples: int, seed: int, cache: Path | None = None) -> Pr
     noise = _normal(samples, g.dim, seed)
 
     def solve() -> dict:
-        ref = reference_solve(g.velocity, noise)
+        ref = reference_solve(g.velocity, noise, progress=_label(name, samples, progress))
         return {"x": ref.x, "error": ref.error}
 
     ref = cached(cache, f"{name}-{_digest(name, g.means, g.variances, g.log_weights, noise, 1e-10)}", solve)
@@ -132,7 +137,7 @@ def labelled(model: torch.nn.Module, guidance: float = 1.0) -> Callable:
 
 
 def embedded_problem(module_name: str, guidance: float, name: str, samples: int, seed: int,
-                     cache: Path | None = None) -> Problem:
+                     cache: Path | None = None, progress: bool = False) -> Problem:
     """An embedded class-conditional flow model in float64, labels cycling 0..9, classifier-free guidance
     `guidance` (1: none); FD in its shipped classifier's features to the real data and to the reference samples
     (FD-ref)."""
@@ -147,9 +152,10 @@ def embedded_problem(module_name: str, guidance: float, name: str, samples: int,
     k = min(samples, EMBEDDED_CHECK)
 
     def solve() -> dict:
-        x = reference_solve(velocity, noise, rtol=EMBEDDED_RTOL, atol=EMBEDDED_RTOL, check=False).x
+        label = _label(name, samples, progress)
+        x = reference_solve(velocity, noise, rtol=EMBEDDED_RTOL, atol=EMBEDDED_RTOL, check=False, progress=label).x
         tight = reference_solve(model.velocity_fn(labels[:k], guidance), noise[:k], rtol=EMBEDDED_RTOL / 100,
-                                atol=EMBEDDED_RTOL / 100, check=False).x
+                                atol=EMBEDDED_RTOL / 100, check=False, progress=label and f"{label}, its check").x
         error = tight - x[:k]
         return {"x": x, "max_error": float(error.abs().max()), "rmse": float(error.pow(2).mean().sqrt())}
 
@@ -188,13 +194,13 @@ def embedded(module_name: str, guidance: float = 1.0) -> Callable[..., Problem]:
 
 
 def from_module(module_name: str, guidance: float = 1.0) -> Callable[..., Problem]:
-    """The loader of a model module that builds its own problem: `module.bench_problem(samples, seed, guidance)`
-    (it caches its own reference solve), shown with the module's `to_image`."""
+    """The loader of a model module that builds its own problem: `module.bench_problem(samples, seed, guidance,
+    cache, progress)` (it ships or caches its own reference solve), shown with the module's `to_image`."""
 
-    def load(name: str, samples: int, seed: int, cache: Path | None = None) -> Problem:
+    def load(name: str, samples: int, seed: int, cache: Path | None = None, progress: bool = False) -> Problem:
         mod = importlib.import_module(module_name)
         try:
-            problem = mod.bench_problem(samples, seed, guidance)
+            problem = mod.bench_problem(samples, seed, guidance, cache, _label(name, samples, progress))
         except FileNotFoundError as err:  # its weights or data are not installed here
             raise InputFileError(f"--problem {name}: {err.strerror or err}: {err.filename}") from None
         if problem.to_image is None and hasattr(mod, "to_image"):
@@ -204,7 +210,7 @@ def from_module(module_name: str, guidance: float = 1.0) -> Callable[..., Proble
     return load
 
 
-PROBLEMS: dict[str, Callable[..., Problem]] = {  # name → loader(name, samples, seed, cache)
+PROBLEMS: dict[str, Callable[..., Problem]] = {  # name → loader(name, samples, seed, cache, progress)
     "gmm2d": mixture,
     "gmm8d": mixture,
     "gmm-stiff": mixture,
@@ -220,15 +226,16 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {  # name → loader(name, samples
 HEADLINE_PROBLEMS = ("gmm8d", "gmm-stiff", "digits", "digits-cfg3", "fashion", "fashion-cfg3")  # `--problem all`
 
 
-def load_problem(name: str, samples: int, seed: int, cache: Path | None = None) -> Problem:
-    """The problem `name` with `samples` bench noises drawn from `seed` (training noises from seed + 1)."""
+def load_problem(name: str, samples: int, seed: int, cache: Path | None = None, progress: bool = False) -> Problem:
+    """The problem `name` with `samples` bench noises drawn from `seed` (training noises from seed + 1); `cache`: the
+    folder of reference solves (None: solve, store nothing); `progress`: a bar while a reference is solved."""
     if name not in PROBLEMS:
         raise InvalidInput(f"--problem: unknown problem {name!r}; available: {', '.join(PROBLEMS)}, all")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < MIN_SAMPLES:
         raise InvalidInput(f"--samples must be an integer of at least {MIN_SAMPLES} (distribution metrics need a "
                            f"spread), got {samples!r}")
     try:
-        return PROBLEMS[name](name, samples, seed, cache)
+        return PROBLEMS[name](name, samples, seed, cache, progress)
     except RuntimeError as err:  # scipy's solve failed or its accuracy check did not hold: say which, in one line
         if "reference solve" not in str(err):
             raise

@@ -188,7 +188,7 @@ def run_transfer(sources: list[Source], targets: list[str], grids: list[Grid], n
 
     def problem(name: str) -> Problem:
         if name not in problems:
-            problems[name] = load_problem(name, image_samples if is_image(name) else samples, seed, cache)
+            problems[name] = load_problem(name, image_samples if is_image(name) else samples, seed, cache, progress)
         return problems[name]
 
     @functools.cache

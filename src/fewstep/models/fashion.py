@@ -287,14 +287,6 @@ BENCH_CHECK = 2
 BENCH_BANK = 16  # training noises for a NeuralSolver search on the problem (its teacher solve is costly here)
 SHIPPED_SEEDS = (0, 1000)  # the bench's default seed and the extra noises of `--refine` (seed + 1000)
 REFERENCE_FILE = "fashion_bench_reference.npz"  # package data: the reference solves of SHIPPED_SEEDS, guidance 1, 3
-CACHE_ENV = "FEWSTEP_CACHE"  # where reference solves are cached (default: the bench's, ~/.cache/fewstep/bench)
-
-
-def cache_dir() -> Path:
-    """$FEWSTEP_CACHE, else the bench's cache folder ($XDG_CACHE_HOME or ~/.cache, then fewstep/bench)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fewstep" / "bench"
 
 
 def _weights_sha256() -> str:
@@ -327,10 +319,12 @@ def _shipped_reference(key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
 
 
 def cached_reference(labels: torch.Tensor, noise: torch.Tensor, guidance: float, rtol: float, seed: int,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     dtype: torch.dtype = torch.float32, cache: Path | None = None,
+                     progress: str | None = None) -> torch.Tensor:
     """The flow ODE solved with scipy's DOP853 from `noise` (the model in `dtype`), stored as float32: shipped in the
-    package for the bench's own noises (`SHIPPED_SEEDS`), else cached on disk under `reference_key` — the first
-    bench run on other noises pays minutes, later ones load it."""
+    package for the bench's own noises (`SHIPPED_SEEDS`), else read from or written to the folder `cache` under
+    `reference_key` (None: solved every time) — the first run on other noises pays minutes, later ones load it.
+    `progress`: the label of the solve's progress bar (None: none)."""
     import io
 
     from fewstep.files import atomic_write
@@ -340,8 +334,8 @@ def cached_reference(labels: torch.Tensor, noise: torch.Tensor, guidance: float,
     shipped = _shipped_reference(key, tuple(noise.shape))
     if shipped is not None:
         return shipped
-    path = cache_dir() / f"{key}.pt"
-    if path.exists():
+    path = None if cache is None else Path(cache) / f"{key}.pt"
+    if path is not None and path.exists():
         try:
             cached = torch.load(path, weights_only=True)
             if cached.shape == noise.shape:
@@ -350,8 +344,11 @@ def cached_reference(labels: torch.Tensor, noise: torch.Tensor, guidance: float,
             pass
     velocity = load_embedded(dtype=dtype).velocity_fn(labels, guidance)
     with torch.no_grad():
-        x = reference_solve(lambda y, s: velocity(y.to(dtype), s), noise, rtol=rtol, atol=rtol, check=False).x
+        x = reference_solve(lambda y, s: velocity(y.to(dtype), s), noise, rtol=rtol, atol=rtol, check=False,
+                            progress=progress).x
     x = x.float().double()  # what the shipped file holds: a solve read from the cache or the package is the same
+    if path is None:
+        return x
     buffer = io.BytesIO()
     torch.save(x, buffer)
     try:
@@ -368,19 +365,23 @@ def bench_noise(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return labels, torch.randn(n, DIM, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def bench_references(n: int, seed: int, guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bench's reference solve of `n` noises and the check solve of its first BENCH_CHECK noises."""
+def bench_references(n: int, seed: int, guidance: float, cache: Path | None = None,
+                     progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bench's reference solve of `n` noises and the check solve of its first BENCH_CHECK noises (`cache` and
+    `progress` as for `cached_reference`)."""
     labels, noise = bench_noise(n, seed)
     k = min(n, BENCH_CHECK)
-    return (cached_reference(labels, noise, guidance, BENCH_RTOL, seed),
-            cached_reference(labels[:k], noise[:k], guidance, CHECK_RTOL, seed, torch.float64))
+    return (cached_reference(labels, noise, guidance, BENCH_RTOL, seed, cache=cache, progress=progress),
+            cached_reference(labels[:k], noise[:k], guidance, CHECK_RTOL, seed, torch.float64, cache,
+                             progress and f"{progress}, its check"))
 
 
 def write_shipped_references(path: Path) -> None:
-    """Solve (or read from the cache) the references of every SHIPPED_SEEDS × guidance 1, 3 and write them, float32,
-    to `path` (an .npz; atomically): the package's REFERENCE_FILE."""
+    """Solve (or read from the bench's default cache) the references of every SHIPPED_SEEDS × guidance 1, 3 and write
+    them, float32, to `path` (an .npz; atomically): the package's REFERENCE_FILE."""
     import io
 
+    from fewstep.bench.problems import default_cache
     from fewstep.files import atomic_write
 
     arrays = {}
@@ -388,7 +389,7 @@ def write_shipped_references(path: Path) -> None:
         labels, noise = bench_noise(BENCH_SAMPLES, seed)
         k = min(BENCH_SAMPLES, BENCH_CHECK)
         for guidance in (1.0, 3.0):
-            reference, check = bench_references(BENCH_SAMPLES, seed, guidance)
+            reference, check = bench_references(BENCH_SAMPLES, seed, guidance, default_cache(), "reference solve")
             arrays[reference_key(labels, noise, seed, guidance, BENCH_RTOL, torch.float32)] = reference.float().numpy()
             arrays[reference_key(labels[:k], noise[:k], seed, guidance, CHECK_RTOL, torch.float64)] = \
                 check.float().numpy()
@@ -408,7 +409,8 @@ def labelled(model: FashionFlow, guidance: float) -> Velocity:
     return velocity
 
 
-def bench_problem(samples: int, seed: int, guidance: float = 1.0):
+def bench_problem(samples: int, seed: int, guidance: float = 1.0, cache: Path | None = None,
+                  progress: str | None = None):
     """The `fashion` problem of `fewstep bench` (a `fewstep.bench.problems.Problem`): the embedded Fashion-MNIST
     flow at `guidance`, min(samples, BENCH_SAMPLES) flattened noises with labels cycling 0..9, a DOP853 reference
     solve (`bench_references`: shipped for the bench's own noises, else cached), and FD in the shipped classifier's
@@ -418,7 +420,7 @@ def bench_problem(samples: int, seed: int, guidance: float = 1.0):
 
     n = min(samples, BENCH_SAMPLES)
     labels, noise = bench_noise(n, seed)
-    reference, check = bench_references(n, seed, guidance)
+    reference, check = bench_references(n, seed, guidance, cache, progress)
     k = len(check)
     error = check - reference[:k]
 
@@ -451,8 +453,8 @@ def bench_problem(samples: int, seed: int, guidance: float = 1.0):
     notes = (f"model: the embedded Fashion-MNIST U-Net (float32), labels cycling 0..9, guidance {guidance:g}; "
              f"{n} samples (at most {BENCH_SAMPLES}: a conv net on the CPU)",
              f"reference: scipy DOP853 on the flattened batch, float32 model, rtol = atol = {BENCH_RTOL:g}, shipped "
-             f"for seeds {', '.join(map(str, SHIPPED_SEEDS))} (else cached in {cache_dir()}); against a float64-model "
-             f"rtol {CHECK_RTOL:g} solve of its first {k} samples: max |error| "
+             f"for seeds {', '.join(map(str, SHIPPED_SEEDS))} (else solved once and kept in the bench's --cache); "
+             f"against a float64-model rtol {CHECK_RTOL:g} solve of its first {k} samples: max |error| "
              f"{float(error.abs().max()):.1e}, RMSE {float(error.pow(2).mean().sqrt()):.1e}",
              f"{fd_note}. FD-ref: to the reference samples from the same noises (0 for the exact ODE solution)")
     bank_labels = (torch.arange(BENCH_BANK) % 10).to(torch.float64)[:, None]
