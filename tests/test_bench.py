@@ -551,14 +551,14 @@ def test_a_model_module_becomes_a_problem_with_one_registry_line(monkeypatch):
     from fewstep.bench import problems
 
     module = types.ModuleType("fake_model")
-    module.bench_problem = lambda samples, seed, guidance: dataclasses.replace(_standard_gaussian(), name="x")
+    module.bench_problem = lambda samples, seed, guidance, cache, progress: dataclasses.replace(_standard_gaussian(), name="x")
     module.to_image = lambda x, scale, nrow: None
     monkeypatch.setitem(sys.modules, "fake_model", module)
     monkeypatch.setitem(problems.PROBLEMS, "fake", problems.from_module("fake_model"))
     problem = load_problem("fake", 40, 1)
     assert problem.name == "fake" and problem.to_image is module.to_image and problems.is_image("fake")
 
-    def missing(samples, seed, guidance):
+    def missing(samples, seed, guidance, cache, progress):
         raise FileNotFoundError(2, "No such file or directory", "weights.safetensors")
 
     module.bench_problem = missing
