@@ -79,15 +79,15 @@ def inputs(tmp_path):
 # --- generate: every bad value is refused before anything is written -----------------------------------------------
 
 def test_heun_img2img_entering_at_its_second_stage_says_so_once(capsys, tmp_path, inputs):
-    """Strength 0.5 of 6 calls is call 3, Heun's second stage of its step from σ = 0.5: one warning line, the image
-    written; strength 0.6 enters at a node and says nothing."""
+    """Strength 0.5 of 6 calls (mflux's meaning: skip int(6·0.5) = 3 calls) is call 3, Heun's second stage of its step
+    from σ = 0.5: one warning line, the image written; strength 0.4 (skip 2) enters at a node and says nothing."""
     code, _, err = generate(capsys, "--prompt", "7", "--scheduler", "heun", "--steps", 6, "--image",
                             inputs / "good.png", "0.5", "-q", "--output", tmp_path / "a.png")
     assert code == 0 and (tmp_path / "a.png").is_file()
     assert err.count("fewstep generate: warning: heun: call 3 of 6 is the second stage") == 1 and len(
         err.splitlines()) == 1, err
     code, _, err = generate(capsys, "--prompt", "7", "--scheduler", "heun", "--steps", 6, "--image",
-                            inputs / "good.png", "0.6", "-q", "--output", tmp_path / "b.png")
+                            inputs / "good.png", "0.4", "-q", "--output", tmp_path / "b.png")
     assert code == 0 and err == ""
 
 
@@ -142,15 +142,19 @@ def test_bad_input_images_are_refused_by_name(capsys, tmp_path, inputs, name, fr
 @pytest.mark.parametrize(("args", "fragments"), [
     (["--image", "{good}", "0.5", "0.3"], ["--image takes PATH and optionally STRENGTH, got 3 values"]),
     (["--image", "{good}", "--image-strength", "0.5"], ["not both"]),
+    (["--image", "{good}", "--image-path", "{good}"], ["not both"]),
     (["--image-path", "{good}", "--strength", "0.5"], ["not both"]),
     (["--image", "{good}", "0.5", "--strength", "0.5"], ["give the strength once"]),
     (["--strength", "0.5"], ["--strength needs --image"]),
+    (["--image", "{good}", "--strength", "0"], ["--strength must be a number in (0, 1]"]),
+    (["--image", "{good}", "--strength", "nan"], ["(0, 1]", "nan"]),
     (["--image-strength", "0.5"], ["--image-strength needs --image-path"]),
-    (["--image", "{good}", "1.5"], ["--image STRENGTH must be a number in (0, 1]"]),
-    (["--image", "{good}", "nan"], ["(0, 1]", "nan"]),
+    (["--image", "{good}", "1.5"], ["--image STRENGTH 1.5 with 8 steps leaves no step"]),  # mflux clamps to 1
+    (["--image", "{good}", "nan"], ["--image STRENGTH", "finite", "nan"]),
+    (["--image", "{good}", "0"], ["--image STRENGTH", "above 0", "mflux ignores the image"]),
     (["--image", "{good}", "much"], ["--image STRENGTH must be a number"]),
     (["--image-path", "{good}", "--image-strength", "1"], ["--image-strength 1 with 8 steps leaves no step"]),
-    (["--image-path", "{good}", "--image-strength", "-1"], ["--image-strength", "from 0 to below 1", "got -1"]),
+    (["--image-path", "{good}", "--image-strength", "-1"], ["--image-strength", "above 0 and below 1", "got -1"]),
     (["--image", "{good}", "0.5", "--scheduler", "neuralsolver", "--steps", "6"],
      ["neuralsolver cannot start at timestep index 3 of 6"]),  # a searched grid runs only in full
 ])
@@ -165,8 +169,8 @@ def test_mflux_strength_runs_mflux_step_count():
     """mflux starts at step max(1, int(steps·S)); the diffusers strength returned starts diffusers' get_timesteps
     (t_start = int(N − min(N·d, N))) at the same step."""
     for steps in range(1, 60):
-        for s in np.linspace(0.0, 1.0, 41):
-            skipped = max(1, int(steps * min(max(s, 0.0), 1.0)))
+        for s in np.linspace(0.0, 1.0, 41)[1:]:
+            skipped = max(1, int(steps * min(s, 1.0)))
             if skipped >= steps:
                 with pytest.raises(InvalidInput, match="leaves no step"):
                     mflux_strength(s, steps)
@@ -174,9 +178,10 @@ def test_mflux_strength_runs_mflux_step_count():
             d = mflux_strength(s, steps)
             assert 0 < d <= 1 and int(max(steps - min(steps * d, steps), 0)) == skipped, (steps, s, d)
             assert abs(d - (steps - skipped) / steps) < 1e-12
-    assert mflux_strength(0.25, 8) == 0.75 and mflux_strength(0.0, 8) == 7 / 8  # mflux skips at least one step
-    with pytest.raises(InvalidInput, match="from 0 to below 1"):  # mflux clamps it; a negative strength is a mistake
-        mflux_strength(-3.0, 8)
+    assert mflux_strength(0.25, 8) == 0.75 and mflux_strength(0.01, 8) == 7 / 8  # mflux skips at least one step
+    for s in (0.0, -3.0):  # at 0 mflux ignores the image (not img2img); a negative strength is a mistake
+        with pytest.raises(InvalidInput, match="above 0 and below 1"):
+            mflux_strength(s, 8)
     with pytest.raises(InvalidInput, match="finite"):
         mflux_strength(math.nan, 8)
 
@@ -185,7 +190,7 @@ def test_mflux_and_diffusers_strength_flags_give_the_same_image(capsys, tmp_path
     good = inputs / "good.png"
     common = ["generate", "--model", "digits", "--prompt", "5", "--steps", "8", "--seed", "4", "-q"]
     assert fewstep(capsys, *common, "--image-path", good, "--image-strength", "0.25", "-o", tmp_path / "m.png")[0] == 0
-    assert fewstep(capsys, *common, "--image", good, "0.75", "-o", tmp_path / "d.png")[0] == 0
+    assert fewstep(capsys, *common, "--image", good, "0.25", "-o", tmp_path / "d.png")[0] == 0  # mflux's --image
     assert fewstep(capsys, *common, "--image", good, "--strength", "0.75", "-o", tmp_path / "s.png")[0] == 0
     pixels = [np.asarray(read_image(tmp_path / f"{n}.png")) for n in "mds"]
     assert np.array_equal(pixels[0], pixels[1]) and np.array_equal(pixels[1], pixels[2])
@@ -568,4 +573,5 @@ def test_metadata_records_the_default_img2img_strength_it_used(capsys, tmp_path,
     code, _, err = generate(capsys, "--prompt", "7", "--image", inputs / "good.png", "--output", tmp_path / "a.png",
                             "--metadata", "-q")
     assert code == 0, err
-    assert json.loads((tmp_path / "a.json").read_text())["image_strength"] == 0.4
+    # --image PATH alone: mflux's default 0.4 at 8 steps (skip int(3.2) = 3) is diffusers' 5/8
+    assert json.loads((tmp_path / "a.json").read_text())["image_strength"] == 0.625

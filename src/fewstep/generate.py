@@ -619,10 +619,11 @@ def _json_object(text: str) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Generate images. img2img strength comes in two directions: --image PATH [STRENGTH] / --strength S use "
-        "diffusers' meaning (how much noise is added: higher = further from the input, more model calls: the run "
-        "starts at step int(steps − steps·S)); --image-path / --image-strength S use mflux's (higher = closer to "
-        "the input, fewer model calls: the run starts at step max(1, int(steps·S))). Use one pair, not both.")
+        "Generate images. img2img strength comes in two directions: --image PATH [STRENGTH] (as mflux, and its "
+        "older --image-path / --image-strength) uses mflux's meaning (higher = closer to the input, fewer model "
+        "calls: the run starts at step max(1, int(steps·S))); --image PATH --strength S uses diffusers' (how much "
+        "noise is added: higher = further from the input, more model calls: the run starts at step "
+        "int(steps − steps·S)).")
     parser.add_argument("--model", "-m", default=None,
                         help=f"alias ({', '.join(ALIASES)}), embedded model ({', '.join(EMBEDDED)}), Hugging Face id "
                              "(owner/name, from the local cache: `hf download ID` first) or local path; default: the "
@@ -641,14 +642,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='JSON solver options, e.g. \'{"order": 2}\', \'{"stages": 9}\' or '
                              '\'{"solver_file": "my.json"}\' (neuralsolver)')
     parser.add_argument("--image", nargs="+", metavar=("PATH", "STRENGTH"), default=None,
-                        help=f"img2img from PATH; STRENGTH in (0, 1] with diffusers' meaning (default "
-                             f"{DEFAULT_STRENGTH:g})")
+                        help="img2img from PATH; STRENGTH in (0, 1) with mflux's meaning: higher = closer to the "
+                             f"input (default {MFLUX_IMAGE_STRENGTH:g}, as mflux)")
     parser.add_argument("--strength", type=float, default=None,
-                        help="img2img strength with diffusers' meaning (same as --image's STRENGTH)")
-    parser.add_argument("--image-path", default=None, metavar="PATH", help="img2img from PATH (mflux's flag)")
+                        help="with --image PATH: img2img strength in (0, 1] with diffusers' meaning instead "
+                             "(higher = more change; 1 ignores the input)")
+    parser.add_argument("--image-path", default=None, metavar="PATH",
+                        help="img2img from PATH (mflux's older flag; same as --image PATH)")
     parser.add_argument("--image-strength", type=float, default=None, metavar="S",
-                        help="img2img strength with mflux's meaning: higher = closer to the input (default "
-                             f"{MFLUX_IMAGE_STRENGTH:g}, as mflux)")
+                        help=f"mflux's older strength flag, its meaning (default {MFLUX_IMAGE_STRENGTH:g})")
     parser.add_argument("--output", "-o", default="image.png",
                         help="image path; {seed} is replaced by the seed; the suffix picks the format (.png, .jpg, "
                              ".jpeg, .webp); an existing directory or a path ending in / means DIR/image_{seed}.png")
@@ -658,20 +660,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars, notes or 'wrote' lines")
 
 
-def mflux_strength(strength: float, steps: int) -> float:
+def mflux_strength(strength: float, steps: int, flag: str = "--image-strength") -> float:
     """mflux's `image_strength` (higher = closer to the input) as diffusers' `strength` for `steps` steps: mflux
     starts at step k = max(1, int(steps·clamp(S, 0, 1))) and runs steps − k of them; the returned d = (steps − k)/steps
-    (moved by a few ulps where rounding needs it) makes diffusers' get_timesteps start at the same step k."""
+    (moved by a few ulps where rounding needs it) makes diffusers' get_timesteps start at the same step k. A strength
+    ≤ 0, with which mflux ignores the input image, is refused (`flag` names the strength in the message)."""
     from fewstep.entry import begin_index_for_strength
 
-    if not (math.isfinite(strength) and strength >= 0):
-        raise InvalidInput(f"--image-strength must be a finite number from 0 to below 1 (mflux's meaning: higher = "
-                           f"closer to the input), got {strength}")
+    if not (math.isfinite(strength) and strength > 0):
+        raise InvalidInput(f"{flag} must be a finite number above 0 and below 1 (mflux's meaning: higher = closer to "
+                           f"the input; at 0 mflux ignores the image), got {strength}")
     skipped = max(1, int(steps * min(strength, 1.0)))
     remaining = steps - skipped
     if remaining < 1:
-        raise InvalidInput(f"--image-strength {strength:g} with {steps} steps leaves no step to run (mflux starts at "
-                           f"step max(1, int(steps·strength)) = {skipped}); it must be below 1"
+        raise InvalidInput(f"{flag} {strength:g} with {steps} steps leaves no step to run (mflux starts at step "
+                           f"max(1, int(steps·strength)) = {skipped}); it must be below 1"
                            + (" and --steps at least 2" if steps < 2 else ""))
     d = remaining / steps
     while begin_index_for_strength(steps, d) < skipped:
@@ -681,37 +684,43 @@ def mflux_strength(strength: float, steps: int) -> float:
     return d
 
 
-def _image_arguments(args: argparse.Namespace) -> tuple[str | None, float | None, float | None]:
-    """(path, diffusers strength, mflux strength) from the two img2img flag pairs; a mix is refused."""
-    diffusers_style = args.image is not None or args.strength is not None
-    mflux_style = args.image_path is not None or args.image_strength is not None
-    if diffusers_style and mflux_style:
-        raise InvalidInput("use either --image PATH [STRENGTH] / --strength (diffusers' strength: higher = more "
-                           "change) or --image-path / --image-strength (mflux's: higher = closer to the input), "
-                           "not both")
-    if mflux_style:
+def _image_arguments(args: argparse.Namespace) -> tuple[str | None, float | None, float | None, str]:
+    """(path, diffusers strength, mflux strength, the flag that named the image) from the img2img flags: mflux's
+    `--image PATH [STRENGTH]` (its preferred form) or its older `--image-path` / `--image-strength`, both in mflux's
+    meaning; `--image PATH --strength S` in diffusers'. A mix is refused."""
+    legacy = args.image_path is not None or args.image_strength is not None
+    if args.image is not None and legacy:
+        raise InvalidInput("use either --image PATH [STRENGTH] or the older --image-path / --image-strength, not both")
+    if legacy:
+        if args.strength is not None:
+            raise InvalidInput("--strength (diffusers' meaning: higher = more change) goes with --image PATH, not with "
+                               "--image-path / --image-strength (mflux's meaning); give one of them, not both")
         if args.image_path is None:
             raise InvalidInput("--image-strength needs --image-path")
-        return args.image_path, None, MFLUX_IMAGE_STRENGTH if args.image_strength is None else args.image_strength
+        strength = MFLUX_IMAGE_STRENGTH if args.image_strength is None else args.image_strength
+        return args.image_path, None, strength, "--image-path"
     if args.image is None:
         if args.strength is not None:
             raise InvalidInput("--strength needs --image PATH")
-        return None, None, None
+        return None, None, None, ""
     if len(args.image) > 2:
         raise InvalidInput(f"--image takes PATH and optionally STRENGTH, got {len(args.image)} values: "
                            f"{' '.join(args.image)}")
-    strength = args.strength
     if len(args.image) == 2:
-        if strength is not None:
-            raise InvalidInput("give the strength once: --image PATH STRENGTH or --strength, not both")
+        if args.strength is not None:
+            raise InvalidInput("give the strength once: --image PATH STRENGTH (mflux's meaning: higher = closer to the "
+                               "input) or --image PATH --strength S (diffusers' meaning: higher = more change), not "
+                               "both")
         try:
-            strength = float(args.image[1])
+            return args.image[0], None, float(args.image[1]), "--image"
         except ValueError:
-            raise InvalidInput(f"--image STRENGTH must be a number in (0, 1], got {args.image[1]!r}") from None
-    if strength is not None and not 0 < strength <= 1:  # also refuses nan
-        flag = "--image STRENGTH" if len(args.image) == 2 else "--strength"
-        raise InvalidInput(f"{flag} must be a number in (0, 1] (diffusers' meaning), got {strength}")
-    return args.image[0], strength, None
+            raise InvalidInput(f"--image STRENGTH must be a number (mflux's meaning: higher = closer to the input), "
+                               f"got {args.image[1]!r}") from None
+    if args.strength is None:
+        return args.image[0], None, MFLUX_IMAGE_STRENGTH, "--image"
+    if not 0 < args.strength <= 1:  # also refuses nan
+        raise InvalidInput(f"--strength must be a number in (0, 1] (diffusers' meaning), got {args.strength}")
+    return args.image[0], args.strength, None, "--image"
 
 
 def output_paths(template: str, seeds: list[int]) -> list[Path]:
@@ -757,7 +766,7 @@ def run(args: argparse.Namespace) -> int:
     from fewstep.files import check_output
 
     # Everything that needs no model is checked first, and nothing is written until every check has passed.
-    image_path, strength, mflux = _image_arguments(args)
+    image_path, strength, mflux, image_flag = _image_arguments(args)
     for seed in args.seed:
         _check_seed(seed)
     check_model_name(args.model)
@@ -769,14 +778,15 @@ def run(args: argparse.Namespace) -> int:
         if args.metadata:
             check_output(path.with_suffix(".json"), "metadata file (--metadata)")
     if image_path is not None:
-        read_image(image_path, "--image-path" if mflux is not None else "--image")
+        read_image(image_path, image_flag)
 
     def checked(default_steps: int, default_guidance: float) -> Config:
         steps = default_steps if args.steps is None else args.steps
         config = Config(args.steps, args.height, args.width, args.guidance, args.scheduler, args.scheduler_kwargs,
                         image_path, strength)
         if mflux is not None and _is_int(steps) and 1 <= steps <= MAX_STEPS:
-            config.image_strength = mflux_strength(mflux, steps)
+            config.image_strength = mflux_strength(mflux, steps, "--image STRENGTH" if image_flag == "--image"
+                                                   else "--image-strength")
         steps, _ = check_config(config, default_steps, default_guidance)
         from fewstep.entry import StageEntryWarning, begin_index_for_strength
         from fewstep.sampling import make_plan
