@@ -551,7 +551,8 @@ def test_a_model_module_becomes_a_problem_with_one_registry_line(monkeypatch):
     from fewstep.bench import problems
 
     module = types.ModuleType("fake_model")
-    module.bench_problem = lambda samples, seed, guidance, cache, progress: dataclasses.replace(_standard_gaussian(), name="x")
+    module.bench_problem = lambda samples, seed, guidance, cache, progress: dataclasses.replace(_standard_gaussian(),
+                                                                                              name="x")
     module.to_image = lambda x, scale, nrow: None
     monkeypatch.setitem(sys.modules, "fake_model", module)
     monkeypatch.setitem(problems.PROBLEMS, "fake", problems.from_module("fake_model"))

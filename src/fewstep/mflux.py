@@ -24,6 +24,7 @@ importing a scheduler module as "module not found").
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import mlx.core as mx
@@ -85,7 +86,23 @@ def _guidance(config: Any) -> float:
     """The guidance scale the model samples with: mflux's `guidance`, unless the model has none (schnell)."""
     if getattr(getattr(config, "model_config", None), "supports_guidance", None) is False:
         return 1.0
-    return float(getattr(config, "guidance", None) or 1.0)
+    guidance = float(getattr(config, "guidance", None) or 1.0)
+    if not math.isfinite(guidance):  # NaN is truthy: `or 1.0` keeps it
+        raise InvalidInput(f"guidance must be a finite number, got {guidance}")
+    return guidance
+
+
+def _whole(value: Any, what: str) -> int:
+    """`value` as an int if it is a whole number (2, 2.0, an integer array scalar); InvalidInput naming `what` if not
+    (int() would turn 2.5 into 2 and run another number of steps than asked)."""
+    try:
+        whole = int(value)
+        exact = bool(whole == value)
+    except (TypeError, ValueError, OverflowError):
+        exact = False
+    if not exact:
+        raise InvalidInput(f"{what} must be a whole number, got {value!r}")
+    return whole
 
 
 class FewstepScheduler(BaseScheduler):
@@ -114,7 +131,7 @@ class FewstepScheduler(BaseScheduler):
         self._solver, _ = resolve_solver(self.solver, guided_options(self.solver, self.solver_options(),
                                                                      _guidance(config), _classifier_free(config)))
         self._name = name
-        self._calls = int(config.num_inference_steps)
+        self._calls = _whole(config.num_inference_steps, f"{name}: num_inference_steps")
         self._intervals = intervals_for(self._solver, self._calls, name)
         self._shifted = bool(getattr(config.model_config, "requires_sigma_shift", False))
         # mflux's linear scheduler computes μ from width·height/256; set_image_seq_len may replace it.
@@ -147,7 +164,7 @@ class FewstepScheduler(BaseScheduler):
         """One transformer call: `noise` is its output v = dx/dσ at sigmas[timestep] on the current `latents`; returns
         the latents at sigmas[timestep + 1]. A `timestep` other than the one after the previous call starts a new run
         there (mflux's img2img starts at init_time_step)."""
-        t = int(timestep)
+        t = _whole(timestep, f"{self._name}: timestep")
         if not 0 <= t < self._calls:
             raise InvalidInput(f"timestep {t} is outside this scheduler's {self._calls} steps")
         if noise.shape != latents.shape:  # a broadcast would silently give every element one output, or grow the batch

@@ -50,6 +50,15 @@ def config(model: str, steps: int, scheduler: str, width: int = WIDTH, height: i
                   width=width, height=height, scheduler=scheduler, **kwargs)
 
 
+class _with:  # noqa: N801  (reads as a function: a config with some attributes replaced)
+    def __init__(self, base: Config, **replaced) -> None:
+        self._base = base
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, key: str):
+        return getattr(self._base, key)
+
+
 def unpack(x: np.ndarray) -> np.ndarray:
     return np.array(FluxLatentCreator.unpack_latents(mx.array(x.astype(np.float32)), HEIGHT, WIDTH), np.float64)
 
@@ -153,6 +162,19 @@ def test_bad_transformer_output_or_latents_are_one_line_errors():
     nan = mx.full((1, 8, 4), float("nan"))
     with pytest.raises(FloatingPointError, match=r"Stork2: the transformer output at step 0 \(sigma 1\) is NaN"):
         scheduler.step(noise=nan, timestep=0, latents=x)
+
+
+def test_a_fractional_step_count_or_timestep_and_a_nan_guidance_are_refused():
+    # int() would run 2 steps for 2.5 and step 1 for 1.7; NaN guidance is truthy and passed `guidance or 1.0`.
+    with pytest.raises(ValueError, match=r"Stork2: num_inference_steps must be a whole number, got 2\.5"):
+        fm.Stork2(_with(config("dev", 4, "fewstep.mflux.Stork2"), num_inference_steps=2.5))
+    scheduler = config("dev", 4, "fewstep.mflux.Stork2").scheduler
+    x = mx.zeros((1, 8, 4))
+    with pytest.raises(ValueError, match=r"Stork2: timestep must be a whole number, got 1\.7"):
+        scheduler.step(noise=x, timestep=1.7, latents=x)
+    assert np.array(scheduler.step(noise=x, timestep=0.0, latents=x)).shape == (1, 8, 4)  # 0.0 is step 0
+    with pytest.raises(ValueError, match="guidance must be a finite number, got nan"):
+        fm.Stork2(_with(config("dev", 4, "fewstep.mflux.Stork2"), guidance=float("nan")))
 
 
 def test_a_misspelt_option_of_a_subclass_is_refused():
