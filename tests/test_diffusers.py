@@ -200,6 +200,20 @@ def test_euler_matches_flowmatch_euler():
 
 # --- mid-schedule entry (docs/diffusers.md: Mid-schedule entry) -------------------------------------------------------
 
+def test_set_begin_index_after_stepping_asks_for_a_new_run():
+    # The run's history is from where it started; re-entering mid-run gave a bare KeyError at the next step.
+    s = FewstepScheduler(solver="adams-denoise", shift=3.0)
+    s.set_timesteps(6)
+    x = torch.randn(1, 4, dtype=torch.float64)
+    for t in s.timesteps[:3]:
+        x = s.step(torch.sin(x), t, x).prev_sample
+    with pytest.raises(InvalidInput, match=r"set_begin_index\(0\) after step\(\) has run .* call set_timesteps"):
+        s.set_begin_index(0)
+    s.set_timesteps(6)
+    s.set_begin_index(3)  # a new run enters anywhere
+    assert s.step(torch.sin(x), s.timesteps[3], x).prev_sample.shape == (1, 4)
+
+
 @pytest.mark.filterwarnings("ignore::fewstep.entry.StageEntryWarning")  # entering at a stage: its own test
 @pytest.mark.parametrize("solver", GRID_SOLVERS)
 def test_set_begin_index_runs_the_rest_exactly(solver):
@@ -775,6 +789,11 @@ def test_bad_construction_is_a_clear_value_error(make, message):
     ("euler", {}, dict(sigmas=[1.0, 0.5], timesteps=[1000.0]), "same length"),
     ("euler", dict(prediction_type="epsilon", timestep_spacing="linspace", timestep_spacing_rule="dpm-solver"),
      dict(num_inference_steps=1000), "1000 grid nodes repeat a training timestep"),
+    ("euler", {}, dict(timesteps=[1500.0, 500.0]), r"timesteps must lie in \(0, 1000\]"),  # σ = 1.5 ran
+    ("euler", {}, dict(timesteps=[0.0]), r"timesteps must lie in \(0, 1000\]"),
+    ("euler", FLUX_DEV, dict(num_inference_steps=4, mu=float("nan")), "mu must be a finite number"),
+    ("euler", dict(use_dynamic_shifting=True, shift_terminal=0.02), dict(num_inference_steps=1, mu=0.7),
+     "shift_terminal=0.02 .* give at least 2 steps"),  # Qwen-Image's stretch of one step: NaN before
 ])
 def test_bad_set_timesteps_is_a_clear_value_error(solver, kwargs, call, message):
     s = FewstepScheduler(solver=solver, **kwargs)

@@ -42,7 +42,7 @@ from diffusers.utils import BaseOutput
 from fewstep.entry import enter, epsilon_plan, flow_time, vp_scale
 from fewstep.errors import InvalidInput
 from fewstep.sampling import resolve_solver
-from fewstep.schedules import SPACINGS, flow_sigmas, resample_grid, respace
+from fewstep.schedules import SPACINGS, flow_sigmas, resample_grid, respace, shift_problem
 from fewstep.search import GridMismatchWarning, grid_mismatch
 from fewstep.solvers.denoise import guided_options
 from fewstep.solvers.neuralsolver import NeuralSolver
@@ -370,6 +370,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if not self._epsilon and cfg.use_dynamic_shifting and mu is None:
             raise InvalidInput("use_dynamic_shifting=True needs `mu` in set_timesteps (Flux and Qwen compute it from "
                                "the image size)")
+        if mu is not None and (problem := shift_problem(1.0, mu.item() if hasattr(mu, "item") else mu)):
+            raise InvalidInput(f"set_timesteps: {problem}")  # NaN was "σ grid contains non-finite values"
         calls = num_inference_steps  # what the caller asked for; None when it gave the grid itself as timesteps
         if timesteps is not None:
             nodes = np.asarray(timesteps, dtype=np.float64).ravel()
@@ -378,9 +380,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if num_inference_steps not in (None, len(nodes)):
                 raise InvalidInput(f"{len(nodes)} timesteps given but num_inference_steps={num_inference_steps}")
             calls = None
-            if self._epsilon and len(nodes) and not (0 <= nodes.min() and nodes.max() <= cfg.num_train_timesteps - 1):
-                raise InvalidInput(f"timesteps must lie in [0, {cfg.num_train_timesteps - 1}] (num_train_timesteps="
-                                   f"{cfg.num_train_timesteps}), got {nodes.min():g} to {nodes.max():g}")
+            # ε: VP indices; flow: σ·num_train_timesteps with σ a noise level in [0, 1] (1500 would start at σ = 1.5)
+            top = cfg.num_train_timesteps - 1 if self._epsilon else cfg.num_train_timesteps
+            low_ok = len(nodes) and (nodes.min() >= 0 if self._epsilon else nodes.min() > 0)
+            if len(nodes) and not (low_ok and nodes.max() <= top):  # (NaN fails both)
+                raise InvalidInput(f"timesteps must lie in {'[0' if self._epsilon else '(0'}, {top}] "
+                                   f"(num_train_timesteps={cfg.num_train_timesteps}), got {nodes.min():g} to "
+                                   f"{nodes.max():g}")
             grid = np.r_[self._flow_time_of(nodes) if self._epsilon else nodes / cfg.num_train_timesteps, 0.0]
         elif sigmas is not None:
             body = np.asarray(sigmas, dtype=np.float64).ravel()
@@ -491,7 +497,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Where the pipeline enters (img2img: `t_start * order`). Re-plans here, so that a solver that cannot start
         mid-schedule fails before the denoising loop."""
-        fresh = self._offset == begin_index and self._step_index is None  # set_timesteps already started there
+        if self._step_index is not None:  # the run's history is from where it started: a new entry is a new run
+            raise InvalidInput(f"set_begin_index({begin_index}) after step() has run (step index {self._step_index}): "
+                               "call set_timesteps first to start a new run")
+        fresh = self._offset == begin_index  # set_timesteps already started there
         if self._plan is not None and begin_index == self._plan.calls:
             # Nothing left to run (img2img at strength 0): as FlowMatchEuler, accepted here; the pipeline then says
             # it has no steps, and a step() would say there are none.

@@ -128,6 +128,10 @@ def flow_sigmas(intervals: int | None = None, shift: float = 1.0, mu: float | No
     if shift_terminal:
         # Stretch so that the last σ equals shift_terminal (Qwen-Image uses 0.02): 1−σ is scaled, σ=1 stays put.
         one_minus = 1.0 - body
+        if one_minus[-1] == 0:  # one step, or every σ at 1: nothing to stretch (diffusers returns NaN)
+            raise InvalidInput(f"shift_terminal={shift_terminal:g} stretches the grid so that its last σ before 0 is "
+                               f"{shift_terminal:g}; a grid whose σ are all 1 ({len(body)} step(s) here) cannot be "
+                               "stretched: give at least 2 steps")
         body = 1.0 - one_minus / (one_minus[-1] / (1.0 - shift_terminal))
     if spacing is not None:
         body = respace(body[0], body[-1], len(body), spacing)
