@@ -154,6 +154,7 @@ def test_bad_input_images_are_refused_by_name(capsys, tmp_path, inputs, name, fr
     (["--image", "{good}", "0"], ["--image STRENGTH", "above 0", "mflux ignores the image"]),
     (["--image", "{good}", "much"], ["--image STRENGTH must be a number"]),
     (["--image-path", "{good}", "--image-strength", "1"], ["--image-strength 1 with 8 steps leaves no step"]),
+    (["--image", "{good}", "--steps", "1"], ["--steps 1 leaves no step to run from an input image", "--steps 2"]),
     (["--image-path", "{good}", "--image-strength", "-1"], ["--image-strength", "above 0 and below 1", "got -1"]),
     (["--image", "{good}", "0.5", "--scheduler", "neuralsolver", "--steps", "6"],
      ["neuralsolver cannot start at timestep index 3 of 6"]),  # a searched grid runs only in full
@@ -575,3 +576,9 @@ def test_metadata_records_the_default_img2img_strength_it_used(capsys, tmp_path,
     assert code == 0, err
     # --image PATH alone: mflux's default 0.4 at 8 steps (skip int(3.2) = 3) is diffusers' 5/8
     assert json.loads((tmp_path / "a.json").read_text())["image_strength"] == 0.625
+    # The Python API without a strength makes the same picture as the CLI (it used diffusers' 0.4 before)
+    model = EmbeddedModel(kind="digits")
+    model.progress = False
+    made = model.generate_image(42, "7", Config(num_inference_steps=8, image_path=str(inputs / "good.png")))
+    assert np.array_equal(np.asarray(made.image), np.asarray(Image.open(tmp_path / "a.png")))
+    assert made.metadata["image_strength"] == 0.625

@@ -792,13 +792,25 @@ def test_bad_construction_is_a_clear_value_error(make, message):
     ("euler", {}, dict(timesteps=[1500.0, 500.0]), r"timesteps must lie in \(0, 1000\]"),  # σ = 1.5 ran
     ("euler", {}, dict(timesteps=[0.0]), r"timesteps must lie in \(0, 1000\]"),
     ("euler", FLUX_DEV, dict(num_inference_steps=4, mu=float("nan")), "mu must be a finite number"),
+    ("heun", dict(use_dynamic_shifting=True, shift_terminal=0.02), dict(num_inference_steps=2, mu=0.7),
+     r"1 interval\(s\) here.* 4 with Heun"),
     ("euler", dict(use_dynamic_shifting=True, shift_terminal=0.02), dict(num_inference_steps=1, mu=0.7),
-     "shift_terminal=0.02 .* give at least 2 steps"),  # Qwen-Image's stretch of one step: NaN before
+     "shift_terminal=0.02 .* needs at least 2 intervals"),  # Qwen-Image's stretch of one step: NaN before
 ])
 def test_bad_set_timesteps_is_a_clear_value_error(solver, kwargs, call, message):
     s = FewstepScheduler(solver=solver, **kwargs)
     with pytest.raises(ValueError, match=message):
         s.set_timesteps(**call)
+
+
+def test_mu_without_dynamic_shifting_is_ignored_like_flow_match_euler():
+    # Flux-schnell's pipeline passes mu to a scheduler without dynamic shifting; it is not read, so not checked.
+    config = dict(shift=3.0, use_dynamic_shifting=False)
+    for mu in (0.7, float("nan"), 1e6):
+        ours, theirs = FewstepScheduler(solver="euler", **config), FlowMatchEulerDiscreteScheduler(**config)
+        ours.set_timesteps(4, mu=mu)
+        theirs.set_timesteps(4, mu=mu)
+        assert torch.allclose(ours.sigmas.double(), theirs.sigmas.double(), atol=1e-6), mu
 
 
 @pytest.mark.parametrize("n", [10, 100, 500])

@@ -267,4 +267,18 @@ def test_the_bench_hands_its_cache_folder_to_the_fashion_problem(monkeypatch, tm
     for cache, progress in ((tmp_path, True), (None, False)):
         with pytest.raises(InputFileError):
             load_problem("fashion-cfg3", 4, 5, cache, progress)
-    assert seen == [(4, 5, 3.0, tmp_path, "reference solve fashion-cfg3 (4 noises)"), (4, 5, 3.0, None, None)]
+    assert seen == [(4, 5, 3.0, tmp_path, "reference solve fashion-cfg3"), (4, 5, 3.0, None, None)]
+
+
+def test_the_reference_solve_bar_counts_the_noises_actually_solved(monkeypatch):
+    # The fashion problem caps its noises at BENCH_SAMPLES; the bar said the count asked for (512) before.
+    seen = []
+
+    def fake_references(n, seed, guidance, cache, progress):
+        seen.append((n, progress))
+        raise FileNotFoundError(2, "stop here", "weights")
+
+    monkeypatch.setattr(fashion, "bench_references", fake_references)
+    with pytest.raises(FileNotFoundError):
+        fashion.bench_problem(512, 0, 1.0, None, "reference solve fashion")
+    assert seen == [(fashion.BENCH_SAMPLES, f"reference solve fashion ({fashion.BENCH_SAMPLES} noises)")]

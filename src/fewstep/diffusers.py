@@ -370,8 +370,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if not self._epsilon and cfg.use_dynamic_shifting and mu is None:
             raise InvalidInput("use_dynamic_shifting=True needs `mu` in set_timesteps (Flux and Qwen compute it from "
                                "the image size)")
-        if mu is not None and (problem := shift_problem(1.0, mu.item() if hasattr(mu, "item") else mu)):
-            raise InvalidInput(f"set_timesteps: {problem}")  # NaN was "σ grid contains non-finite values"
+        # mu is read only with dynamic shifting (ignored otherwise, as FlowMatchEuler does); a NaN there was
+        # "σ grid contains non-finite values".
+        if cfg.use_dynamic_shifting and mu is not None and (
+                problem := shift_problem(1.0, mu.item() if hasattr(mu, "item") else mu)):
+            raise InvalidInput(f"set_timesteps: {problem}")
         calls = num_inference_steps  # what the caller asked for; None when it gave the grid itself as timesteps
         if timesteps is not None:
             nodes = np.asarray(timesteps, dtype=np.float64).ravel()

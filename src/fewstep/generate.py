@@ -35,7 +35,6 @@ EULER_ALIASES = {"linear": "euler", "flow_match_euler_discrete": "euler", "FlowM
 DEFAULT_SCHEDULER = RECOMMENDED
 MAX_STEPS = 1000  # model calls; more is never few-step sampling and usually a typo
 MAX_SIDE = 4096  # pixels per side, checked before anything is allocated
-DEFAULT_STRENGTH = 0.4  # img2img strength (diffusers' meaning) when an image comes without one
 MFLUX_IMAGE_STRENGTH = 0.4  # mflux's --image-strength default (its meaning: higher = closer to the input)
 MAX_SEED = 2**32 - 1  # torch's CPU generator (Mersenne Twister) keeps 32 bits: 2**32 + 5 would repeat seed 5
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # output suffix → PIL format
@@ -270,10 +269,11 @@ def output_format(path: str | os.PathLike) -> str:
     return IMAGE_FORMATS[suffix]
 
 
-def image_strength(config: Config) -> float | None:
-    """The img2img strength a run uses (diffusers' meaning; DEFAULT_STRENGTH when an image is given without one)."""
+def image_strength(config: Config, steps: int) -> float | None:
+    """The img2img strength a run of `steps` steps uses, in diffusers' meaning; an image given without one gets the
+    CLI's default, mflux's 0.4 (`mflux_strength`: 0.625 at 8 steps), so the API and the CLI make the same picture."""
     if config.image_strength is None and config.image_path:
-        return DEFAULT_STRENGTH
+        return mflux_strength(MFLUX_IMAGE_STRENGTH, steps, "the default image strength")
     return config.image_strength
 
 
@@ -286,7 +286,7 @@ def _metadata(model: str, prompt: str, seed: int, config: Config, steps: int, gu
     return {"prompt": prompt, "seed": seed, "model": model, "scheduler": config.scheduler, "steps": steps,
             "scheduler_kwargs": dict(config.scheduler_kwargs), "solver_options": dict(options), "guidance": guidance,
             "height": image.height, "width": image.width, "image_path": config.image_path,
-            "image_strength": image_strength(config),
+            "image_strength": image_strength(config, steps),
             "generator": f"fewstep {__version__}"}
 
 
@@ -331,7 +331,7 @@ class EmbeddedModel:
             from fewstep.entry import begin_index_for_strength
             from fewstep.sampling import make_plan
 
-            strength = image_strength(config)
+            strength = image_strength(config, steps)
             begin = begin_index_for_strength(steps, strength)
             sigma = float(make_plan(solver, steps, begin_index=begin, **options).sigmas[0])  # or refuse, before a call
             noise = (1 - sigma) * self._image_to_x(config.image_path) + sigma * noise
@@ -422,7 +422,7 @@ class DiffusersModel:
                 raise InvalidInput(f"--image: {type(pipe).__name__} has no image-to-image pipeline in diffusers"
                                    ) from None
             kwargs["image"] = read_image(config.image_path).convert("RGB")
-            kwargs["strength"] = image_strength(config)
+            kwargs["strength"] = image_strength(config, steps)
         pipe.set_progress_bar_config(disable=not self.progress)
         try:
             pixels = pipe(**kwargs).images[0]
@@ -672,10 +672,12 @@ def mflux_strength(strength: float, steps: int, flag: str = "--image-strength") 
                            f"the input; at 0 mflux ignores the image), got {strength}")
     skipped = max(1, int(steps * min(strength, 1.0)))
     remaining = steps - skipped
+    if remaining < 1 and steps < 2:  # whatever the strength, even the default one: mflux skips step 1 at least
+        raise InvalidInput(f"--steps {steps} leaves no step to run from an input image (mflux starts img2img at step "
+                           "max(1, int(steps·strength)) ≥ 1); give --steps 2 or more")
     if remaining < 1:
         raise InvalidInput(f"{flag} {strength:g} with {steps} steps leaves no step to run (mflux starts at step "
-                           f"max(1, int(steps·strength)) = {skipped}); it must be below 1"
-                           + (" and --steps at least 2" if steps < 2 else ""))
+                           f"max(1, int(steps·strength)) = {skipped}); it must be below 1")
     d = remaining / steps
     while begin_index_for_strength(steps, d) < skipped:
         d = math.nextafter(d, 0.0)
@@ -793,7 +795,7 @@ def run(args: argparse.Namespace) -> int:
 
         # The plan itself, before any model loads: a solver file without this step count, or a solver that cannot
         # enter the schedule mid-way for img2img, is refused here. The solver's message does not know --steps.
-        begin = 0 if image_path is None else begin_index_for_strength(steps, image_strength(config))
+        begin = 0 if image_path is None else begin_index_for_strength(steps, image_strength(config, steps))
         try:
             build_solver(solver, options, steps)
             with warnings.catch_warnings():  # the run itself says it, once

@@ -130,8 +130,9 @@ def flow_sigmas(intervals: int | None = None, shift: float = 1.0, mu: float | No
         one_minus = 1.0 - body
         if one_minus[-1] == 0:  # one step, or every σ at 1: nothing to stretch (diffusers returns NaN)
             raise InvalidInput(f"shift_terminal={shift_terminal:g} stretches the grid so that its last σ before 0 is "
-                               f"{shift_terminal:g}; a grid whose σ are all 1 ({len(body)} step(s) here) cannot be "
-                               "stretched: give at least 2 steps")
+                               f"{shift_terminal:g}; a grid whose σ before 0 are all 1 ({len(body)} interval(s) here) "
+                               "cannot be stretched: it needs at least 2 intervals (2 model calls with a one-call "
+                               "solver such as Euler, 4 with Heun)")
         body = 1.0 - one_minus / (one_minus[-1] / (1.0 - shift_terminal))
     if spacing is not None:
         body = respace(body[0], body[-1], len(body), spacing)

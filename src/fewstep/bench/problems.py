@@ -4,8 +4,8 @@ Each problem brings its flow model, the bench noises with a high-accuracy refere
 metrics of a sample set, and a separate training noise bank for searching a NeuralSolver on the problem itself
 (drawn with another seed, so the searched solver is scored on noises it never saw).
 
-Problems are registered by name in `PROBLEMS` (name → loader(samples, seed, cache)); an embedded model with the
-interface of `fewstep.models.digits` (DIM, load_embedded, load_classifier, load_data, velocity_fn(labels,
+Problems are registered by name in `PROBLEMS` (name → loader(name, samples, seed, cache, progress)); an embedded
+model with the interface of `fewstep.models.digits` (DIM, load_embedded, load_classifier, load_data, velocity_fn(labels,
 guidance)) becomes a problem with one line: `PROBLEMS["name"] = embedded("fewstep.models.name", guidance)`.
 Reference solves are cached on disk (`cache`), keyed by everything they depend on.
 """
@@ -72,9 +72,12 @@ def _digest(*parts) -> str:
     return h.hexdigest()[:24]
 
 
-def _label(name: str, samples: int, progress: bool) -> str | None:
-    """The progress bar's label for the reference solve of `name` (None: no bar)."""
-    return f"reference solve {name} ({samples} noises)" if progress else None
+def _label(name: str, samples: int | None, progress: bool) -> str | None:
+    """The progress bar's label for the reference solve of `name` on `samples` noises (None: no bar; a model module
+    that picks its own noise count gets the label without it and appends it)."""
+    if not progress:
+        return None
+    return f"reference solve {name}" + ("" if samples is None else f" ({samples} noises)")
 
 
 def cached(cache: Path | None, key: str, compute: Callable[[], dict]) -> dict:
@@ -195,12 +198,13 @@ def embedded(module_name: str, guidance: float = 1.0) -> Callable[..., Problem]:
 
 def from_module(module_name: str, guidance: float = 1.0) -> Callable[..., Problem]:
     """The loader of a model module that builds its own problem: `module.bench_problem(samples, seed, guidance,
-    cache, progress)` (it ships or caches its own reference solve), shown with the module's `to_image`."""
+    cache, progress)` (it ships or caches its own reference solve and may use fewer noises than asked, so
+    `progress` is the bar's label without the count), shown with the module's `to_image`."""
 
     def load(name: str, samples: int, seed: int, cache: Path | None = None, progress: bool = False) -> Problem:
         mod = importlib.import_module(module_name)
         try:
-            problem = mod.bench_problem(samples, seed, guidance, cache, _label(name, samples, progress))
+            problem = mod.bench_problem(samples, seed, guidance, cache, _label(name, None, progress))
         except FileNotFoundError as err:  # its weights or data are not installed here
             raise InputFileError(f"--problem {name}: {err.strerror or err}: {err.filename}") from None
         if problem.to_image is None and hasattr(mod, "to_image"):

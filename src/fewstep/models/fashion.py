@@ -415,12 +415,13 @@ def bench_problem(samples: int, seed: int, guidance: float = 1.0, cache: Path | 
     flow at `guidance`, min(samples, BENCH_SAMPLES) flattened noises with labels cycling 0..9, a DOP853 reference
     solve (`bench_references`: shipped for the bench's own noises, else cached), and FD in the shipped classifier's
     features to the 10k test images (when the data set is installed), FD-ref to the reference samples and the class
-    accuracy of the samples. Solvers run the float32 network."""
+    accuracy of the samples. Solvers run the float32 network. `progress`: the label of the reference solve's progress
+    bar, to which the noise count is appended (None: no bar)."""
     from fewstep.bench.problems import Problem
 
     n = min(samples, BENCH_SAMPLES)
     labels, noise = bench_noise(n, seed)
-    reference, check = bench_references(n, seed, guidance, cache, progress)
+    reference, check = bench_references(n, seed, guidance, cache, progress and f"{progress} ({n} noises)")
     k = len(check)
     error = check - reference[:k]
 
