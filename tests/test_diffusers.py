@@ -1262,3 +1262,32 @@ def test_configs_compare_equal_after_save_load_and_a_trip_through_a_compatible_c
     assert cls.from_pretrained(tmp_path).config == {k: v for k, v in s.config.items() if k != "_use_default_values"}
     back = cls.from_config(UniPCMultistepScheduler.from_config(s.config).config)
     assert back.config["_use_default_values"] == s.config["_use_default_values"]
+
+
+@pytest.mark.parametrize("solver", ["adams-denoise", "stork-2", "stork-4", "euler"])
+def test_shift_below_one_starts_above_one_and_still_solves_a_straight_flow_exactly(solver):
+    # diffusers' float32 training grid at shift < 1 starts at σ = 1.0000954 (shift 0.01): λ = log((1−σ)/σ) was NaN
+    # there (a RuntimeWarning, and the jump test read NaN step lengths).
+    s = FewstepScheduler(solver=solver, shift=0.01)
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, generator=generator, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.set_timesteps(4)
+        assert s.sigmas[0] > 1
+        x = (1 - s.sigmas[0].double()) * x0 + s.sigmas[0].double() * noise
+        for t in s.timesteps:
+            x = s.step(noise - x0, t, x).prev_sample
+    assert (x - x0).abs().max() < 1e-6  # float32 σ storage, as FlowMatchEuler: ~2e-8 here
+
+
+def test_a_grid_of_tiny_sigmas_runs_the_guarded_corrector():
+    # σ ~ 1e-170 makes the corrector's stability bound ~1e170; squaring it raised OverflowError inside step().
+    s = FewstepScheduler(solver="adams-denoise")
+    s.set_timesteps(sigmas=[1.0, 1e-170, 1e-171, 1e-172])
+    x = torch.ones(1, 4, dtype=torch.float64)
+    for t in s.timesteps:
+        x = s.step(-x, t, x).prev_sample
+    # the same as on a grid of σ ~ 1e-10, where nothing overflows: one step of length 1 (Euler 2, corrected 2.5)
+    # and three steps that move x by ~1e-10
+    assert torch.allclose(x, torch.full_like(x, 2.5), rtol=1e-9)

@@ -43,8 +43,9 @@ JUMP_RATIO = 1.0 + math.sqrt(2.0)  # variable-step BDF2/AB2 zero-stability limit
 
 
 def log_snr(sigma: np.ndarray) -> np.ndarray:
-    """λ = log((1−σ)/σ): −∞ at σ = 1, +∞ at σ = 0."""
-    sigma = np.asarray(sigma, dtype=np.float64)
+    """λ = log((1−σ)/σ): −∞ at σ = 1, +∞ at σ = 0. A σ a few ulps above 1 (diffusers' float32 grid at shift < 1
+    starts at 1.0000006) is the top of the grid, σ = 1."""
+    sigma = np.minimum(np.asarray(sigma, dtype=np.float64), 1.0)
     with np.errstate(divide="ignore"):
         return np.log1p(-sigma) - np.log(sigma)
 

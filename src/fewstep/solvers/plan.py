@@ -283,8 +283,10 @@ def _guarded(out: Any, dx: Any, dv: Any, alternatives: list[Any], limits: list[f
     contracting = _cast((dvx > 0).reshape(shape), out.dtype)
     taken = None
     for i, (alternative, limit) in enumerate(zip(alternatives, limits, strict=True)):
-        # a Python float bound: an MLX comparison stays on MLX
-        switch = _cast((dvv > float(limit) ** 2 * dxx).reshape(shape), out.dtype) * contracting
+        # a Python float bound: an MLX comparison stays on MLX; limit·limit is inf, not an OverflowError, for a bound
+        # beyond 1e154 (a grid of σ ~ 1e-170)
+        limit = float(limit)
+        switch = _cast((dvv > limit * limit * dxx).reshape(shape), out.dtype) * contracting
         if switched is not None and i == carry - 1:
             switch = _or(switch, switched)
         out = out * (1 - switch) + alternative * switch  # per sample one of the two (for finite values)
