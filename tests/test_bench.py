@@ -92,9 +92,16 @@ def test_grids_are_the_pipeline_grids():
     assert flux.sigmas(4) == pytest.approx(np.append(e * s / (1 + (e - 1) * s), 0.0), abs=1e-7)
     assert [g.name for g in parse_grids("all")] == ["shift1", "shift3", "flux1024"]
     assert [g.name for g in parse_grids("shift1,shift1.0,shift3,shift3.00")] == ["shift1", "shift3"]  # ran twice
-    for bad in ("shift0", "shiftx", "flux512", ""):
+    for bad in ("shift0", "shiftx", "flux512", "", "shift1e30"):
         with pytest.raises(InvalidInput, match="--grid"):
             parse_grids(bad)
+    # `--shift 1e6` names its grid shift1e+06, which must parse back (it was "unknown grid")
+    assert [g.shift for g in parse_grids("shift1e+06,shift2E-3,shift.5")] == [1e6, 2e-3, 0.5]
+    # at shift < 1 diffusers' float32 grid starts above 1 (1.0000001 at 0.2): the top is σ = 1 (it was refused)
+    sigmas = get_grid("shift0.2").sigmas(4)
+    assert sigmas[0] == 1.0 and sigmas[1] == pytest.approx(0.2 * 0.75 / (1 - 0.8 * 0.75), abs=1e-7)
+    with pytest.raises(InvalidInput, match=r"--grid shift1e\+15: .* repeats values"):  # every float32 σ rounds to 1
+        get_grid("shift1e15").sigmas(4)
 
 
 @pytest.mark.parametrize("name", list(PEERS))
@@ -573,6 +580,24 @@ def test_cli_prints_one_line_for_a_bad_sample_count(capsys):
     assert main(["bench", "--samples", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--samples must be at least 2, got 0" in err
+
+
+def test_a_run_where_no_method_makes_the_calls_is_an_error_and_writes_nothing(tmp_path, capsys):
+    from fewstep.cli import main
+
+    out = tmp_path / "out"
+    args = ["bench", "--problem", "gmm2d", "--solvers", "heun", "--nfe", "3", "--samples", "8", "--no-peers", "-q",
+            "--no-cache", "--out", str(out)]
+    assert main(args) == 2  # it printed an empty table, wrote it, and exited 0
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "--nfe 3: no method can make these model calls (heun cannot make 3 " \
+        "model calls (it can make 2, 4, 6))" in captured.err
+    assert not out.exists() and captured.out == ""
+    # -q keeps stderr free of progress bars; the table still prints
+    assert main(["bench", "--problem", "gmm2d", "--solvers", "euler", "--nfe", "2", "--samples", "8", "--no-peers",
+                 "--no-cache", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "| euler |" in captured.out
 
 
 def test_overhead_flag_prints_and_writes_the_overhead_table(tmp_path, capsys, monkeypatch):

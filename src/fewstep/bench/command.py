@@ -92,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="headline suite: rewrite the block between <!-- headline:begin --> and "
                              "<!-- headline:end --> of this file with the headline table")
     parser.add_argument("--overhead", action="store_true", help="same as --suite overhead")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars (tables and notes still print)")
 
 
 def machine() -> str:
@@ -311,7 +312,7 @@ def _transfer(args: argparse.Namespace, out: Path | None, start: float) -> int:
     _check_outputs(out, ["transfer.csv", "transfer.json", "transfer.md"])
 
     rows = tr.run_transfer(sources, problems, grids, nfe, samples, image_samples, args.seed, args.search_iterations,
-                           resamples, cache, solver)
+                           resamples, cache, solver, not args.quiet)
     command = (f"fewstep bench --suite transfer --problem {','.join(problems)} "
                f"--grid {','.join(g.name for g in grids)} --nfe {','.join(map(str, nfe))} --samples {samples} "
                f"--image-samples {image_samples} --seed {args.seed} --search-iterations {args.search_iterations} "
@@ -375,8 +376,14 @@ def _tables(args: argparse.Namespace, suite: str, out: Path | None, start: float
             benches.setdefault(name, [])
             problem = benches[name][0].problem if benches[name] else name
             benches[name].append(measure.run_bench(problem, solvers, nfe, grid, count, args.seed, not args.no_peers,
-                                                   args.search_iterations, resamples, cache))
-    for line in measure.skipped_notes([b for runs in benches.values() for b in runs]):
+                                                   args.search_iterations, resamples, cache, not args.quiet))
+    every_run = [b for runs in benches.values() for b in runs]
+    if not any(b.rows for b in every_run):  # a page of empty tables would be written and exit 0
+        reasons = "; ".join(line.removeprefix("note: ").removesuffix("; its cells are left out")
+                            for line in measure.skipped_notes(every_run))
+        raise InvalidInput(f"--nfe {','.join(map(str, nfe))}: no method can make these model calls ({reasons}); "
+                           "nothing written")
+    for line in measure.skipped_notes(every_run):
         print(line, file=sys.stderr)
     files: dict[Path, bytes] = {}  # --out's, written with the README at the end: all of them or none
     readme_text: dict[Path, bytes] = {}
@@ -395,7 +402,8 @@ def _tables(args: argparse.Namespace, suite: str, out: Path | None, start: float
     if want_headline:
         cells = []
         for runs in benches.values():  # more noises where the intervals overlap: `refine` × the problem's count
-            cells += hl.headline_cells(runs, solver, refine * len(runs[0].problem.noise), resamples, args.seed, cache)
+            cells += hl.headline_cells(runs, solver, refine * len(runs[0].problem.noise), resamples, args.seed, cache,
+                                       progress=not args.quiet)
         results = hl.targets(cells)
         wall = time.perf_counter() - start
         when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")

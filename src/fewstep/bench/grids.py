@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fewstep.errors import InvalidInput
+from fewstep.schedules import shift_problem
 
 # The scheduler config of black-forest-labs/FLUX.1-dev (scheduler/scheduler_config.json).
 FLUX_DEV = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -59,10 +60,15 @@ class Grid:
 
     def sigmas(self, steps: int) -> np.ndarray:
         """The `steps + 1` σ values (float64 copies of diffusers' float32 grid, ending in 0) after the pipeline's
-        `set_timesteps(sigmas=linspace(1, 1/steps, steps), mu=μ)`."""
+        `set_timesteps(sigmas=linspace(1, 1/steps, steps), mu=μ)`. At shift < 1 that grid starts just above 1
+        (1.0000001 at shift 0.2, its float32 training grid shifted twice): the top of the grid, σ = 1, here."""
         sched = self.scheduler()
         sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=self.mu)
-        return sched.sigmas.double().numpy()
+        sigmas = np.minimum(sched.sigmas.double().numpy(), 1.0)
+        if np.any(np.diff(sigmas) >= 0):  # an extreme shift rounds every float32 σ to 1 (or the tail to one value)
+            raise InvalidInput(f"--grid {self.name}: diffusers' float32 σ grid for {steps} steps repeats values at "
+                               f"this shift: {[float(f'{x:.7g}') for x in sigmas]}")
+        return sigmas
 
 
 def get_grid(name: str) -> Grid:
@@ -70,10 +76,12 @@ def get_grid(name: str) -> Grid:
     if name == "flux1024":
         mu = flux_mu()
         return Grid(name, f"Flux μ 1024² (μ = {mu:.3g}, shift e^μ = {np.exp(mu):.3g})", mu=mu)
-    match = re.fullmatch(r"shift(\d+(?:\.\d*)?|\.\d+)", name)
+    match = re.fullmatch(r"shift((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)", name)  # shift3, shift.5, shift1e+06
     if not match or not float(match[1]) > 0:
         raise InvalidInput(f"--grid: unknown grid {name!r}; use shift<X> with X > 0 (e.g. shift1, shift3) or flux1024")
     shift = float(match[1])
+    if problem := shift_problem(shift):
+        raise InvalidInput(f"--grid {name}: {problem}")
     return Grid(f"shift{shift:g}", f"shift {shift:g}", shift=shift)
 
 
