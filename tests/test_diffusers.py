@@ -769,6 +769,11 @@ def test_epsilon_pixart_real_config_runs_every_solver_with_exact_constant_noise(
     (lambda: FewstepScheduler(solver_options="x"), "solver_options must be a dict"),
     (lambda: FewstepScheduler(shift=0.0), "shift must be a finite number > 0"),
     (lambda: FewstepScheduler(num_train_timesteps=0), "num_train_timesteps must be an integer of at least 2"),
+    # each of these failed later, as a bare TypeError or "sigmas must be strictly decreasing"
+    *[(lambda bad=bad: FewstepScheduler(shift_terminal=bad), r"shift_terminal must be the last σ before 0, a number "
+       r"in \(0, 1\)") for bad in ("0.02", 1, 1.5, -0.1, True, float("nan"))],
+    (lambda: FewstepScheduler().set_shift("3"), "set_shift: shift must be a number"),
+    (lambda: FewstepScheduler().set_shift(-1.0), "set_shift: shift must be a number"),
 ])
 def test_bad_construction_is_a_clear_value_error(make, message):
     with pytest.raises(ValueError, match=message):
@@ -781,6 +786,14 @@ def test_bad_construction_is_a_clear_value_error(make, message):
     ("heun", {}, dict(sigmas=np.linspace(1, 0.2, 5)), "cannot make exactly 5 model calls"),
     ("neuralsolver", {}, dict(num_inference_steps=4), "has no 4-step solver"),
     ("euler", {}, dict(num_inference_steps=0), "positive integer"),
+    ("euler", {}, dict(num_inference_steps=float("nan")), "num_inference_steps must be a positive integer, got nan"),
+    ("euler", {}, dict(num_inference_steps="4"), "num_inference_steps must be a positive integer, got '4'"),
+    ("euler", dict(use_dynamic_shifting=True, time_shift_type="linear"), dict(num_inference_steps=4, mu=0.0),
+     r"mu \(a linear time shift\) must be a number .* got 0"),  # μ/(μ + 1/σ − 1) at μ = 0: a NaN grid
+    ("euler", dict(use_dynamic_shifting=True), dict(num_inference_steps=4, mu=40.0),
+     r"mu=40 rounds the σ grid to repeated values \(\[1.0, 1.0, 1.0, 1.0, 0.0\]\)"),
+    ("euler", {}, dict(sigmas=[1.0, 0.5], timesteps=[5000.0, -3.0]), r"timesteps must lie in \(0, 1000\]"),
+    ("euler", {}, dict(sigmas=[1.0, 0.5], timesteps=[float("nan"), 3.0]), r"timesteps must lie in \(0, 1000\]"),
     ("euler", {}, dict(), "needs num_inference_steps"),
     ("euler", {}, dict(num_inference_steps=3, sigmas=[1.0, 0.5]), "2 sigmas given"),
     ("euler", {}, dict(sigmas=[1.0, 0.6, 0.7]), "strictly decreasing"),

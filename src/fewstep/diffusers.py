@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -211,6 +212,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise InvalidInput("invert_sigmas=True (Mochi) is not supported")
         if time_shift_type not in ("exponential", "linear"):
             raise InvalidInput(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+        if shift_terminal is not None and not (isinstance(shift_terminal, (int, float)) and not isinstance(
+                shift_terminal, bool) and (shift_terminal == 0 or 0 < shift_terminal < 1)):  # 0 is off, as None
+            raise InvalidInput(f"shift_terminal must be the last σ before 0, a number in (0, 1) (Qwen-Image: 0.02), or "
+                               f"None, got {shift_terminal!r}")
         options = dict(solver_options or {})
         if classifier_free_guidance is not None:
             if (isinstance(classifier_free_guidance, bool) or not isinstance(classifier_free_guidance, (int, float))
@@ -333,7 +338,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return self._shift
 
     def set_shift(self, shift: float) -> None:
-        self._shift = shift
+        if problem := shift_problem(shift):
+            raise InvalidInput(f"set_shift: {problem}")
+        self._shift = float(shift)
 
     @property
     def step_index(self) -> int | None:
@@ -358,12 +365,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         `sigmas` are integrated and the model is given `timesteps` (a call between nodes, Heun's stage, gets the
         timestep interpolated between its nodes')."""
         cfg = self.config
+        if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(
+                num_inference_steps, numbers.Integral)):
+            raise InvalidInput(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         model_timesteps = None
         if sigmas is not None and timesteps is not None:
             model_timesteps = np.asarray(timesteps, dtype=np.float64).ravel()
             if len(model_timesteps) != len(np.ravel(sigmas)):
                 raise InvalidInput(f"`sigmas` and `timesteps` must have the same length, got {len(np.ravel(sigmas))} "
                                    f"and {len(model_timesteps)}")
+            self._check_timesteps(model_timesteps)  # what the model is given
             timesteps = None
         if self._epsilon and (sigmas is not None or mu is not None):
             raise InvalidInput("prediction_type='epsilon' uses VP timesteps: pass `timesteps`, not sigmas or mu")
@@ -372,9 +383,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                                "the image size)")
         # mu is read only with dynamic shifting (ignored otherwise, as FlowMatchEuler does); a NaN there was
         # "σ grid contains non-finite values".
-        if cfg.use_dynamic_shifting and mu is not None and (
-                problem := shift_problem(1.0, mu.item() if hasattr(mu, "item") else mu)):
-            raise InvalidInput(f"set_timesteps: {problem}")
+        if cfg.use_dynamic_shifting and mu is not None:
+            mu = mu.item() if hasattr(mu, "item") else mu
+            # a linear time shift uses μ itself as the shift (μ/(μ + 1/σ − 1)): it must be a shift, > 0
+            problem = shift_problem(mu) if cfg.time_shift_type == "linear" else shift_problem(1.0, mu)
+            if problem:
+                raise InvalidInput(f"set_timesteps: {problem.replace('shift must', 'mu (a linear time shift) must')}")
         calls = num_inference_steps  # what the caller asked for; None when it gave the grid itself as timesteps
         if timesteps is not None:
             nodes = np.asarray(timesteps, dtype=np.float64).ravel()
@@ -383,13 +397,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if num_inference_steps not in (None, len(nodes)):
                 raise InvalidInput(f"{len(nodes)} timesteps given but num_inference_steps={num_inference_steps}")
             calls = None
-            # ε: VP indices; flow: σ·num_train_timesteps with σ a noise level in [0, 1] (1500 would start at σ = 1.5)
-            top = cfg.num_train_timesteps - 1 if self._epsilon else cfg.num_train_timesteps
-            low_ok = len(nodes) and (nodes.min() >= 0 if self._epsilon else nodes.min() > 0)
-            if len(nodes) and not (low_ok and nodes.max() <= top):  # (NaN fails both)
-                raise InvalidInput(f"timesteps must lie in {'[0' if self._epsilon else '(0'}, {top}] "
-                                   f"(num_train_timesteps={cfg.num_train_timesteps}), got {nodes.min():g} to "
-                                   f"{nodes.max():g}")
+            self._check_timesteps(nodes)
             grid = np.r_[self._flow_time_of(nodes) if self._epsilon else nodes / cfg.num_train_timesteps, 0.0]
         elif sigmas is not None:
             body = np.asarray(sigmas, dtype=np.float64).ravel()
@@ -466,6 +474,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if text:
             self._grid_warned = True
             warnings.warn(text, GridMismatchWarning, stacklevel=3)
+
+    def _check_timesteps(self, nodes: np.ndarray) -> None:
+        """ε: VP indices in [0, num_train_timesteps − 1]; flow: σ·num_train_timesteps with σ a noise level in (0, 1]
+        (1500 would start at σ = 1.5)."""
+        cfg = self.config
+        top = cfg.num_train_timesteps - 1 if self._epsilon else cfg.num_train_timesteps
+        low_ok = len(nodes) and (nodes.min() >= 0 if self._epsilon else nodes.min() > 0)
+        if len(nodes) and not (low_ok and nodes.max() <= top):  # (NaN fails both)
+            raise InvalidInput(f"timesteps must lie in {'[0' if self._epsilon else '(0'}, {top}] "
+                               f"(num_train_timesteps={cfg.num_train_timesteps}), got {nodes.min():g} to "
+                               f"{nodes.max():g}")
 
     def _intervals(self, calls: int) -> int:
         return intervals_for(self._solver, int(calls), self._solver_name)

@@ -86,9 +86,15 @@ def _guidance(config: Any) -> float:
     """The guidance scale the model samples with: mflux's `guidance`, unless the model has none (schnell)."""
     if getattr(getattr(config, "model_config", None), "supports_guidance", None) is False:
         return 1.0
-    guidance = float(getattr(config, "guidance", None) or 1.0)
-    if not math.isfinite(guidance):  # NaN is truthy: `or 1.0` keeps it
-        raise InvalidInput(f"guidance must be a finite number, got {guidance}")
+    raw = getattr(config, "guidance", None)
+    if raw is None:
+        return 1.0
+    try:
+        guidance = float(raw)
+    except (TypeError, ValueError):
+        guidance = math.nan
+    if not math.isfinite(guidance):
+        raise InvalidInput(f"guidance must be a finite number, got {raw!r}")
     return guidance
 
 
@@ -137,7 +143,7 @@ class FewstepScheduler(BaseScheduler):
         # mflux's linear scheduler computes μ from width·height/256; set_image_seq_len may replace it.
         self._seq_len = config.width * config.height / 256 if self._shifted else None
         self._build()
-        start = int(getattr(config, "init_time_step", 0) or 0)
+        start = _whole(getattr(config, "init_time_step", None) or 0, f"{name}: init_time_step")
         # img2img: a solver that cannot enter there fails now, before the image is encoded. At start = steps (image
         # strength 1) mflux's loop makes no call and returns the image, as with its `linear` scheduler.
         if 0 < start < self._calls:

@@ -137,6 +137,11 @@ def flow_sigmas(intervals: int | None = None, shift: float = 1.0, mu: float | No
     if spacing is not None:
         body = respace(body[0], body[-1], len(body), spacing)
     grid = np.concatenate([body, [0.0]])
+    if (dynamic or shift != 1.0) and np.isfinite(grid).all() and np.any(np.diff(grid) >= 0):
+        # every σ' = e^μσ/(1 + (e^μ − 1)σ) rounds to 1 (or, for a very negative μ, the tail to one value) in float64
+        applied = f"mu={mu:g}" if dynamic else f"shift={shift:g}"
+        raise InvalidInput(f"{applied} rounds the σ grid to repeated values ({[float(f'{x:.7g}') for x in grid]}): "
+                           "the time shift is too strong for this grid")
     check_grid(grid)
     return grid
 

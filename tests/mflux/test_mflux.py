@@ -164,7 +164,7 @@ def test_bad_transformer_output_or_latents_are_one_line_errors():
         scheduler.step(noise=nan, timestep=0, latents=x)
 
 
-def test_a_fractional_step_count_or_timestep_and_a_nan_guidance_are_refused():
+def test_a_fractional_step_count_timestep_or_start_and_a_bad_guidance_are_refused():
     # int() would run 2 steps for 2.5 and step 1 for 1.7; NaN guidance is truthy and passed `guidance or 1.0`.
     with pytest.raises(ValueError, match=r"Stork2: num_inference_steps must be a whole number, got 2\.5"):
         fm.Stork2(_with(config("dev", 4, "fewstep.mflux.Stork2"), num_inference_steps=2.5))
@@ -175,6 +175,11 @@ def test_a_fractional_step_count_or_timestep_and_a_nan_guidance_are_refused():
     assert np.array(scheduler.step(noise=x, timestep=0.0, latents=x)).shape == (1, 8, 4)  # 0.0 is step 0
     with pytest.raises(ValueError, match="guidance must be a finite number, got nan"):
         fm.Stork2(_with(config("dev", 4, "fewstep.mflux.Stork2"), guidance=float("nan")))
+    with pytest.raises(ValueError, match="guidance must be a finite number, got 'abc'"):  # a bare float() error
+        fm.Stork2(_with(config("dev", 4, "fewstep.mflux.Stork2"), guidance="abc"))
+    for start in (2.5, float("nan")):  # 2.5 entered at step 2; NaN was a bare int() error
+        with pytest.raises(ValueError, match=r"Stork2: init_time_step must be a whole number, got (2\.5|nan)"):
+            fm.Stork2(_with(config("dev", 4, "fewstep.mflux.Stork2"), init_time_step=start))
 
 
 def test_a_misspelt_option_of_a_subclass_is_refused():
