@@ -582,6 +582,17 @@ def test_cli_prints_one_line_for_a_bad_sample_count(capsys):
     assert err.count("\n") == 1 and "--samples must be at least 2, got 0" in err
 
 
+def test_a_reference_solve_the_cache_cannot_store_is_still_used(tmp_path, capsys):
+    # a folder where the cache file goes: the solve was done, then the run failed ("… is a directory")
+    from fewstep.bench.problems import cached
+
+    (tmp_path / "key.pt").mkdir()
+    assert cached(tmp_path, "key", lambda: {"x": torch.ones(2)})["x"].tolist() == [1.0, 1.0]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"note: --cache {tmp_path}: this reference solve is not stored" in err
+    assert (tmp_path / "key.pt").is_dir()
+
+
 def test_a_run_where_no_method_makes_the_calls_is_an_error_and_writes_nothing(tmp_path, capsys):
     from fewstep.cli import main
 

@@ -166,6 +166,17 @@ def test_img2img_flag_mistakes(capsys, tmp_path, inputs, args, fragments):
     assert files_in(tmp_path) == ["inputs"]
 
 
+def test_an_output_over_the_input_image_is_refused(capsys, inputs):
+    good = inputs / "good.png"
+    before = good.read_bytes()
+    link = inputs / "link.png"
+    link.symlink_to(good)
+    for output in (good, link):  # the same file by another name
+        code, _, err = generate(capsys, "--prompt", "7", "--image", good, "-q", "--output", output)
+        assert_one_line_error(code, err, f"--output {output}: that is the input image (--image {good})")
+    assert good.read_bytes() == before
+
+
 def test_mflux_strength_runs_mflux_step_count():
     """mflux starts at step max(1, int(steps·S)); the diffusers strength returned starts diffusers' get_timesteps
     (t_start = int(N − min(N·d, N))) at the same step."""

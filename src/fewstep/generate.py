@@ -781,6 +781,10 @@ def run(args: argparse.Namespace) -> int:
             check_output(path.with_suffix(".json"), "metadata file (--metadata)")
     if image_path is not None:
         read_image(image_path, image_flag)
+        for path in outputs:  # the input would be gone after the first seed, or after one run
+            if path.exists() and os.path.samefile(path, image_path):
+                raise InvalidInput(f"--output {path}: that is the input image ({image_flag} {image_path}); write the "
+                                   "result to another file")
 
     def checked(default_steps: int, default_guidance: float) -> Config:
         steps = default_steps if args.steps is None else args.steps

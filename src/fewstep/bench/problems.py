@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import io
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,8 +94,11 @@ def cached(cache: Path | None, key: str, compute: Callable[[], dict]) -> dict:
     value = compute()
     buf = io.BytesIO()
     torch.save(value, buf)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buf.getvalue())
+    try:  # the cache only saves time: a solve that cannot be stored is still used
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, buf.getvalue())
+    except (OSError, InputFileError) as err:
+        print(f"note: --cache {cache}: this reference solve is not stored ({err})", file=sys.stderr)
     return value
 
 
