@@ -593,3 +593,5 @@ def test_metadata_records_the_default_img2img_strength_it_used(capsys, tmp_path,
     made = model.generate_image(42, "7", Config(num_inference_steps=8, image_path=str(inputs / "good.png")))
     assert np.array_equal(np.asarray(made.image), np.asarray(Image.open(tmp_path / "a.png")))
     assert made.metadata["image_strength"] == 0.625
+    with pytest.raises(InvalidInput, match="^num_inference_steps 1 leaves no step to run from an input image"):
+        model.generate_image(42, "7", Config(num_inference_steps=1, image_path=str(inputs / "good.png")))

@@ -1294,6 +1294,33 @@ def test_shift_below_one_starts_above_one_and_still_solves_a_straight_flow_exact
     assert (x - x0).abs().max() < 1e-6  # float32 σ storage, as FlowMatchEuler: ~2e-8 here
 
 
+def test_set_timesteps_takes_back_what_diffusers_pipelines_and_its_own_grid_pass():
+    # each of these worked before the range checks and must keep working
+    ours = FewstepScheduler(solver="euler")
+    ours.set_timesteps(sigmas=[1.0, 0.5, 0.0], timesteps=[1000.0, 500.0, 0.0])  # CogView4-style, both ending in 0
+    assert ours.timesteps.tolist() == [1000.0, 500.0]
+    low = FewstepScheduler(solver="euler", shift=0.2)
+    low.set_timesteps(4)  # diffusers' float32 grid at shift < 1: the first timestep is 1000.0006
+    again = FewstepScheduler(solver="euler", shift=0.2)
+    again.set_timesteps(timesteps=low.timesteps.numpy())
+    assert torch.allclose(again.sigmas, low.sigmas)
+    ours.set_timesteps(torch.tensor(4))  # a 0-d integer tensor, as FlowMatchEuler takes it
+    ours.set_shift(torch.tensor(3.0))
+    assert len(ours.timesteps) == 4 and ours.shift == 3.0
+    ltx = FewstepScheduler(solver="euler", use_dynamic_shifting=True, shift_terminal=0.1)  # LTX-Video's stretch
+    ltx.set_timesteps(4, mu=torch.tensor([0.7]))
+    assert ltx.sigmas[-2].item() == pytest.approx(0.1, abs=1e-6)
+
+
+def test_a_user_grid_out_of_order_is_blamed_on_the_sigmas_not_the_shift():
+    s = FewstepScheduler(solver="euler", **FLUX_DEV)
+    for sigmas in ([0.2, 0.5, 1.0], [1.0, 0.5, 0.5]):
+        with pytest.raises(InvalidInput, match="^sigmas must be strictly decreasing"):
+            s.set_timesteps(sigmas=sigmas, mu=1.15)
+    with pytest.raises(InvalidInput, match="mu must be one number, got 2 values"):
+        s.set_timesteps(4, mu=torch.tensor([0.7, 0.8]))
+
+
 def test_a_grid_of_tiny_sigmas_runs_the_guarded_corrector():
     # σ ~ 1e-170 makes the corrector's stability bound ~1e170; squaring it raised OverflowError inside step().
     s = FewstepScheduler(solver="adams-denoise")

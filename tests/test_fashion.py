@@ -189,7 +189,7 @@ def test_to_image_sizes_and_cloth_is_light():
     assert grid.size == (10 * 56 + 9 * 2, 2 * 56 + 2)
 
 
-def test_bench_reference_is_cached(monkeypatch, tmp_path):
+def test_bench_reference_is_cached(monkeypatch, tmp_path, capsys):
     # A reference solve the package does not ship costs minutes, so it is computed once per weights, noises, guidance,
     # tolerance and model dtype and then read from the bench's cache folder (here a stand-in solver counts the
     # solves); with no folder (`fewstep bench --no-cache`) nothing is written.
@@ -219,6 +219,15 @@ def test_bench_reference_is_cached(monkeypatch, tmp_path):
     fashion.cached_reference(labels, noise + 1, 1.0, 1e-7, seed=0, cache=cache)  # other noises, same seed: another
     fashion.cached_reference(labels, noise, 1.0, 1e-7, seed=0, dtype=torch.float64, cache=cache)  # float64 model
     assert len(calls) == 5 and len(list(cache.iterdir())) == 4
+    # a cache file that cannot be written (a folder in its place): the solve is used, with a note (it was silent)
+    blocked = tmp_path / "blocked"
+    fashion.cached_reference(labels, noise, 3.0, 1e-7, seed=0, cache=blocked)
+    (stored,) = blocked.iterdir()
+    stored.unlink()
+    stored.mkdir()
+    capsys.readouterr()
+    torch.testing.assert_close(fashion.cached_reference(labels, noise, 3.0, 1e-7, seed=0, cache=blocked), first)
+    assert f"note: this reference solve is not stored in the cache {blocked} (" in capsys.readouterr().err
 
 
 def test_bench_problem_reads_the_shipped_reference(monkeypatch, tmp_path):

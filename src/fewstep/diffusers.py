@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -212,10 +213,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise InvalidInput("invert_sigmas=True (Mochi) is not supported")
         if time_shift_type not in ("exponential", "linear"):
             raise InvalidInput(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
-        if shift_terminal is not None and not (isinstance(shift_terminal, (int, float)) and not isinstance(
+        if shift_terminal is not None and not (isinstance(shift_terminal, numbers.Real) and not isinstance(
                 shift_terminal, bool) and (shift_terminal == 0 or 0 < shift_terminal < 1)):  # 0 is off, as None
             raise InvalidInput(f"shift_terminal must be the last σ before 0, a number in (0, 1) (Qwen-Image: 0.02), or "
-                               f"None, got {shift_terminal!r}")
+                               f"None or 0 (off), got {shift_terminal!r}")
         options = dict(solver_options or {})
         if classifier_free_guidance is not None:
             if (isinstance(classifier_free_guidance, bool) or not isinstance(classifier_free_guidance, (int, float))
@@ -338,6 +339,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return self._shift
 
     def set_shift(self, shift: float) -> None:
+        shift = shift.item() if hasattr(shift, "item") and getattr(shift, "ndim", 1) == 0 else shift
         if problem := shift_problem(shift):
             raise InvalidInput(f"set_shift: {problem}")
         self._shift = float(shift)
@@ -365,16 +367,23 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         `sigmas` are integrated and the model is given `timesteps` (a call between nodes, Heun's stage, gets the
         timestep interpolated between its nodes')."""
         cfg = self.config
-        if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(
-                num_inference_steps, numbers.Integral)):
-            raise InvalidInput(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if num_inference_steps is not None:
+            try:  # an int, a NumPy integer or a 0-d integer tensor, not a float, a string or a bool
+                if isinstance(num_inference_steps, bool):
+                    raise TypeError
+                num_inference_steps = operator.index(num_inference_steps)
+            except TypeError:
+                raise InvalidInput(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}"
+                                   ) from None
         model_timesteps = None
         if sigmas is not None and timesteps is not None:
             model_timesteps = np.asarray(timesteps, dtype=np.float64).ravel()
             if len(model_timesteps) != len(np.ravel(sigmas)):
                 raise InvalidInput(f"`sigmas` and `timesteps` must have the same length, got {len(np.ravel(sigmas))} "
                                    f"and {len(model_timesteps)}")
-            self._check_timesteps(model_timesteps)  # what the model is given
+            # what the model is given; a trailing 0 goes with the sigmas' trailing 0 (σ = 0, where every run ends)
+            self._check_timesteps(model_timesteps[:-1] if len(model_timesteps) > 1 and model_timesteps[-1] == 0
+                                  else model_timesteps)
             timesteps = None
         if self._epsilon and (sigmas is not None or mu is not None):
             raise InvalidInput("prediction_type='epsilon' uses VP timesteps: pass `timesteps`, not sigmas or mu")
@@ -384,7 +393,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         # mu is read only with dynamic shifting (ignored otherwise, as FlowMatchEuler does); a NaN there was
         # "σ grid contains non-finite values".
         if cfg.use_dynamic_shifting and mu is not None:
-            mu = mu.item() if hasattr(mu, "item") else mu
+            if hasattr(mu, "item"):
+                if getattr(mu, "size", 1) != 1 and not (hasattr(mu, "numel") and mu.numel() == 1):
+                    raise InvalidInput(f"set_timesteps: mu must be one number, got {len(np.ravel(mu))} values")
+                mu = mu.item()
             # a linear time shift uses μ itself as the shift (μ/(μ + 1/σ − 1)): it must be a shift, > 0
             problem = shift_problem(mu) if cfg.time_shift_type == "linear" else shift_problem(1.0, mu)
             if problem:
@@ -480,11 +492,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         (1500 would start at σ = 1.5)."""
         cfg = self.config
         top = cfg.num_train_timesteps - 1 if self._epsilon else cfg.num_train_timesteps
+        # flow: a few ulps above the top is diffusers' own float32 grid at shift < 1 (σ = 1.0000006), fed back in
+        slack = 0 if self._epsilon else 1e-4 * top
         low_ok = len(nodes) and (nodes.min() >= 0 if self._epsilon else nodes.min() > 0)
-        if len(nodes) and not (low_ok and nodes.max() <= top):  # (NaN fails both)
+        if len(nodes) and not (low_ok and nodes.max() <= top + slack):  # (NaN fails both)
             raise InvalidInput(f"timesteps must lie in {'[0' if self._epsilon else '(0'}, {top}] "
-                               f"(num_train_timesteps={cfg.num_train_timesteps}), got {nodes.min():g} to "
-                               f"{nodes.max():g}")
+                               f"(num_train_timesteps={cfg.num_train_timesteps}), got {nodes.min():.9g} to "
+                               f"{nodes.max():.9g}")
 
     def _intervals(self, calls: int) -> int:
         return intervals_for(self._solver, int(calls), self._solver_name)

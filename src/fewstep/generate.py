@@ -273,7 +273,7 @@ def image_strength(config: Config, steps: int) -> float | None:
     """The img2img strength a run of `steps` steps uses, in diffusers' meaning; an image given without one gets the
     CLI's default, mflux's 0.4 (`mflux_strength`: 0.625 at 8 steps), so the API and the CLI make the same picture."""
     if config.image_strength is None and config.image_path:
-        return mflux_strength(MFLUX_IMAGE_STRENGTH, steps, "the default image strength")
+        return mflux_strength(MFLUX_IMAGE_STRENGTH, steps, "image_strength", "num_inference_steps")
     return config.image_strength
 
 
@@ -660,11 +660,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars, notes or 'wrote' lines")
 
 
-def mflux_strength(strength: float, steps: int, flag: str = "--image-strength") -> float:
+def mflux_strength(strength: float, steps: int, flag: str = "--image-strength", steps_flag: str = "--steps") -> float:
     """mflux's `image_strength` (higher = closer to the input) as diffusers' `strength` for `steps` steps: mflux
     starts at step k = max(1, int(steps·clamp(S, 0, 1))) and runs steps − k of them; the returned d = (steps − k)/steps
     (moved by a few ulps where rounding needs it) makes diffusers' get_timesteps start at the same step k. A strength
-    ≤ 0, with which mflux ignores the input image, is refused (`flag` names the strength in the message)."""
+    ≤ 0, with which mflux ignores the input image, is refused (`flag` and `steps_flag` name the strength and the step
+    count in the messages)."""
     from fewstep.entry import begin_index_for_strength
 
     if not (math.isfinite(strength) and strength > 0):
@@ -673,8 +674,8 @@ def mflux_strength(strength: float, steps: int, flag: str = "--image-strength") 
     skipped = max(1, int(steps * min(strength, 1.0)))
     remaining = steps - skipped
     if remaining < 1 and steps < 2:  # whatever the strength, even the default one: mflux skips step 1 at least
-        raise InvalidInput(f"--steps {steps} leaves no step to run from an input image (mflux starts img2img at step "
-                           "max(1, int(steps·strength)) ≥ 1); give --steps 2 or more")
+        raise InvalidInput(f"{steps_flag} {steps} leaves no step to run from an input image (mflux starts img2img at "
+                           f"step max(1, int(steps·strength)) ≥ 1); give {steps_flag} 2 or more")
     if remaining < 1:
         raise InvalidInput(f"{flag} {strength:g} with {steps} steps leaves no step to run (mflux starts at step "
                            f"max(1, int(steps·strength)) = {skipped}); it must be below 1")

@@ -103,7 +103,7 @@ def _whole(value: Any, what: str) -> int:
     (int() would turn 2.5 into 2 and run another number of steps than asked)."""
     try:
         whole = int(value)
-        exact = bool(whole == value)
+        exact = bool(whole == value) and not isinstance(value, bool)  # True is not a step count
     except (TypeError, ValueError, OverflowError):
         exact = False
     if not exact:

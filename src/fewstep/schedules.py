@@ -123,6 +123,8 @@ def flow_sigmas(intervals: int | None = None, shift: float = 1.0, mu: float | No
             raise InvalidInput(f"{len(base)} sigmas given but intervals={intervals}")
     ends_at_zero = base[-1] == 0
     body = base[:-1] if ends_at_zero else base
+    if sigmas is not None:  # a user grid out of order is the user's, not the shift's (checked again once shifted)
+        check_grid(np.concatenate([body, [0.0]]))
     body = time_shift(body, shift=1.0, mu=mu, time_shift_type=time_shift_type) if dynamic else time_shift(
         body, shift=shift)
     if shift_terminal:

@@ -177,6 +177,8 @@ def test_a_fractional_step_count_timestep_or_start_and_a_bad_guidance_are_refuse
         fm.Stork2(_with(config("dev", 4, "fewstep.mflux.Stork2"), guidance=float("nan")))
     with pytest.raises(ValueError, match="guidance must be a finite number, got 'abc'"):  # a bare float() error
         fm.Stork2(_with(config("dev", 4, "fewstep.mflux.Stork2"), guidance="abc"))
+    with pytest.raises(ValueError, match="Stork2: num_inference_steps must be a whole number, got True"):
+        fm.Stork2(_with(config("dev", 4, "fewstep.mflux.Stork2"), num_inference_steps=True))
     for start in (2.5, float("nan")):  # 2.5 entered at step 2; NaN was a bare int() error
         with pytest.raises(ValueError, match=r"Stork2: init_time_step must be a whole number, got (2\.5|nan)"):
             fm.Stork2(_with(config("dev", 4, "fewstep.mflux.Stork2"), init_time_step=start))

@@ -251,7 +251,7 @@ def _cache(args: argparse.Namespace) -> Path | None:
 
 def _grids(args: argparse.Namespace, default: str) -> list:
     """--grid (or the --shift shorthand), `default` when neither is given."""
-    from fewstep.bench.grids import get_grid, parse_grids
+    from fewstep.bench.grids import get_grid, parse_grids, shift_name
 
     if args.shift is not None and args.grid is not None:
         raise InvalidInput("--shift is shorthand for --grid shift<X>: give one of them")
@@ -259,7 +259,7 @@ def _grids(args: argparse.Namespace, default: str) -> list:
         problem = shift_problem(args.shift)
         if problem:
             raise InvalidInput(f"--shift: {problem}")
-        return [get_grid(f"shift{args.shift:g}")]
+        return [get_grid(shift_name(args.shift))]
     return parse_grids(args.grid if args.grid is not None else default)
 
 
@@ -381,8 +381,8 @@ def _tables(args: argparse.Namespace, suite: str, out: Path | None, start: float
     if not any(b.rows for b in every_run):  # a page of empty tables would be written and exit 0
         reasons = "; ".join(line.removeprefix("note: ").removesuffix("; its cells are left out")
                             for line in measure.skipped_notes(every_run))
-        raise InvalidInput(f"--nfe {','.join(map(str, nfe))}: no method can make these model calls ({reasons}); "
-                           "nothing written")
+        raise InvalidInput(f"--nfe {','.join(map(str, nfe))}: no method can make these model calls"
+                           + (f" ({reasons})" if reasons else "") + "; nothing written")
     for line in measure.skipped_notes(every_run):
         print(line, file=sys.stderr)
     files: dict[Path, bytes] = {}  # --out's, written with the README at the end: all of them or none

@@ -82,7 +82,13 @@ def get_grid(name: str) -> Grid:
     shift = float(match[1])
     if problem := shift_problem(shift):
         raise InvalidInput(f"--grid {name}: {problem}")
-    return Grid(f"shift{shift:g}", f"shift {shift:g}", shift=shift)
+    return Grid(shift_name(shift), f"shift {shift:.15g}", shift=shift)
+
+
+def shift_name(shift: float) -> str:
+    """The grid name of a static shift, exact enough that two names are two shifts (shift1, shift3, shift1.0000001,
+    shift1e+15): `:g`'s six digits made shift 1.0000001 run as shift 1."""
+    return f"shift{float(shift):.15g}"
 
 
 def parse_grids(text: str) -> list[Grid]:

@@ -98,7 +98,7 @@ def cached(cache: Path | None, key: str, compute: Callable[[], dict]) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, buf.getvalue())
     except (OSError, InputFileError) as err:
-        print(f"note: --cache {cache}: this reference solve is not stored ({err})", file=sys.stderr)
+        print(f"note: this reference solve is not stored in the cache {cache} ({err})", file=sys.stderr)
     return value
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fewstep.bench import stats
-from fewstep.bench.grids import Grid, get_grid
+from fewstep.bench.grids import Grid, get_grid, shift_name
 from fewstep.bench.measure import SEARCH_BATCH, run_bench
 from fewstep.bench.problems import PROBLEMS, Problem, _digest, is_image, load_problem
 from fewstep.errors import FewstepError, InputFileError, InvalidInput
@@ -64,7 +64,7 @@ def _file_origin(file: SolverFile) -> tuple[str | None, str | None]:
     name = None
     if isinstance(grid, dict):
         mu, shift = grid.get("mu"), grid.get("shift") or 1.0
-        name = f"shift{(math.exp(mu) if mu is not None else float(shift)):g}"
+        name = shift_name(math.exp(mu) if mu is not None else float(shift))
     return problem, name
 
 

@@ -15,6 +15,7 @@ import gzip
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fewstep.errors import InvalidInput
+from fewstep.errors import InputFileError, InvalidInput
 from fewstep.models.digits import frechet_distance, guided_velocity, image_grid, load_network, sinusoidal
 
 if TYPE_CHECKING:
@@ -354,8 +355,8 @@ def cached_reference(labels: torch.Tensor, noise: torch.Tensor, guidance: float,
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, buffer.getvalue())
-    except OSError:  # an unwritable cache only costs time
-        pass
+    except (OSError, InputFileError) as err:  # an unwritable cache only costs time
+        print(f"note: this reference solve is not stored in the cache {path.parent} ({err})", file=sys.stderr)
     return x
 
 
