@@ -82,14 +82,17 @@ def _label(name: str, samples: int | None, progress: bool) -> str | None:
 
 
 def cached(cache: Path | None, key: str, compute: Callable[[], dict]) -> dict:
-    """`compute()` (a dict of tensors and numbers), stored under `cache`/`key`.pt and read back on the next run."""
+    """`compute()` (a dict of tensors and numbers), stored under `cache`/`key`.pt and read back on the next run
+    (None: computed every time). A file that cannot be stored is noted on stderr; the value is still returned."""
     if cache is None:
         return compute()
     path = Path(cache) / f"{key}.pt"
     if path.is_file():
         try:
-            return torch.load(path, weights_only=True)
-        except Exception:  # a damaged cache file is recomputed and replaced
+            value = torch.load(path, weights_only=True)
+            if isinstance(value, dict):  # a file of another format is recomputed and replaced, as a damaged one
+                return value
+        except Exception:
             pass
     value = compute()
     buf = io.BytesIO()

@@ -15,7 +15,6 @@ import gzip
 import json
 import os
 import re
-import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fewstep.errors import InputFileError, InvalidInput
+from fewstep.errors import InvalidInput
 from fewstep.models.digits import frechet_distance, guided_velocity, image_grid, load_network, sinusoidal
 
 if TYPE_CHECKING:
@@ -326,38 +325,23 @@ def cached_reference(labels: torch.Tensor, noise: torch.Tensor, guidance: float,
     package for the bench's own noises (`SHIPPED_SEEDS`), else read from or written to the folder `cache` under
     `reference_key` (None: solved every time) — the first run on other noises pays minutes, later ones load it.
     `progress`: the label of the solve's progress bar (None: none)."""
-    import io
-
-    from fewstep.files import atomic_write
+    from fewstep.bench.problems import cached
     from fewstep.testbed import reference_solve
 
     key = reference_key(labels, noise, seed, guidance, rtol, dtype)
     shipped = _shipped_reference(key, tuple(noise.shape))
     if shipped is not None:
         return shipped
-    path = None if cache is None else Path(cache) / f"{key}.pt"
-    if path is not None and path.exists():
-        try:
-            cached = torch.load(path, weights_only=True)
-            if cached.shape == noise.shape:
-                return cached
-        except Exception:  # a damaged cache file is recomputed
-            pass
-    velocity = load_embedded(dtype=dtype).velocity_fn(labels, guidance)
-    with torch.no_grad():
-        x = reference_solve(lambda y, s: velocity(y.to(dtype), s), noise, rtol=rtol, atol=rtol, check=False,
-                            progress=progress).x
-    x = x.float().double()  # what the shipped file holds: a solve read from the cache or the package is the same
-    if path is None:
-        return x
-    buffer = io.BytesIO()
-    torch.save(x, buffer)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, buffer.getvalue())
-    except (OSError, InputFileError) as err:  # an unwritable cache only costs time
-        print(f"note: this reference solve is not stored in the cache {path.parent} ({err})", file=sys.stderr)
-    return x
+
+    def solve() -> dict:
+        velocity = load_embedded(dtype=dtype).velocity_fn(labels, guidance)
+        with torch.no_grad():
+            x = reference_solve(lambda y, s: velocity(y.to(dtype), s), noise, rtol=rtol, atol=rtol, check=False,
+                                progress=progress).x
+        # what the shipped file holds: a solve read from the cache or the package is the same
+        return {"reference": x.float().double()}
+
+    return cached(cache, key, solve)["reference"]
 
 
 def bench_noise(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
