@@ -174,6 +174,17 @@ def _solver_keys() -> set[str]:
     return own - base - {"self", "schedule"}
 
 
+def _number(value: object, what: str) -> object:
+    """A one-element tensor or array (a pipeline's `mu`, a 0-d shift) as its Python number; anything else as given,
+    for the caller's own check. `what` names it when it holds several values."""
+    if not hasattr(value, "item"):
+        return value
+    size = value.numel() if hasattr(value, "numel") else np.size(value)
+    if size != 1:
+        raise InvalidInput(f"{what} must be one number, got {size} values")
+    return value.item()
+
+
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
     """Every fewstep solver as a diffusers scheduler: `FewstepScheduler.from_config(pipe.scheduler.config,
     solver="stork-4", solver_options={...})`. Accepts FlowMatchEulerDiscreteScheduler's keys (shift, dynamic
@@ -339,7 +350,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return self._shift
 
     def set_shift(self, shift: float) -> None:
-        shift = shift.item() if hasattr(shift, "item") and getattr(shift, "ndim", 1) == 0 else shift
+        shift = _number(shift, "set_shift: shift")
         if problem := shift_problem(shift):
             raise InvalidInput(f"set_shift: {problem}")
         self._shift = float(shift)
@@ -393,10 +404,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         # mu is read only with dynamic shifting (ignored otherwise, as FlowMatchEuler does); a NaN there was
         # "σ grid contains non-finite values".
         if cfg.use_dynamic_shifting and mu is not None:
-            if hasattr(mu, "item"):
-                if getattr(mu, "size", 1) != 1 and not (hasattr(mu, "numel") and mu.numel() == 1):
-                    raise InvalidInput(f"set_timesteps: mu must be one number, got {len(np.ravel(mu))} values")
-                mu = mu.item()
+            mu = _number(mu, "set_timesteps: mu")
             # a linear time shift uses μ itself as the shift (μ/(μ + 1/σ − 1)): it must be a shift, > 0
             problem = shift_problem(mu) if cfg.time_shift_type == "linear" else shift_problem(1.0, mu)
             if problem:

@@ -378,12 +378,12 @@ def _tables(args: argparse.Namespace, suite: str, out: Path | None, start: float
             benches[name].append(measure.run_bench(problem, solvers, nfe, grid, count, args.seed, not args.no_peers,
                                                    args.search_iterations, resamples, cache, not args.quiet))
     every_run = [b for runs in benches.values() for b in runs]
+    skipped = measure.skipped_notes(every_run)
     if not any(b.rows for b in every_run):  # a page of empty tables would be written and exit 0
-        reasons = "; ".join(line.removeprefix("note: ").removesuffix("; its cells are left out")
-                            for line in measure.skipped_notes(every_run))
+        reasons = "; ".join(line.removeprefix("note: ").removesuffix("; its cells are left out") for line in skipped)
         raise InvalidInput(f"--nfe {','.join(map(str, nfe))}: no method can make these model calls"
                            + (f" ({reasons})" if reasons else "") + "; nothing written")
-    for line in measure.skipped_notes(every_run):
+    for line in skipped:
         print(line, file=sys.stderr)
     files: dict[Path, bytes] = {}  # --out's, written with the README at the end: all of them or none
     readme_text: dict[Path, bytes] = {}
